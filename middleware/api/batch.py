@@ -1,0 +1,185 @@
+"""NGSI-LD batch routes (clauses 5.6.7-5.6.10, 5.6.20, 5.7.2 POST query): 201/204 when all succeed, else 207."""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ..context.broker import Broker, Mutation
+from ..context.errors import BadRequestData, NgsiLdError
+from ..context.model import EntityParser, check_name, check_uri
+from .common import Ctx, context_for, options_of, read_body, respond
+from .entities import run_query
+
+router = APIRouter(prefix="/ngsi-ld/v1/entityOperations")
+
+
+async def _batch_body(request: Request) -> tuple[list, Ctx]:
+    body, media = await read_body(request)
+    if not isinstance(body, list):
+        raise BadRequestData("a batch body must be a JSON array")
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    return body, ctx
+
+
+def _parse_all(ctx: Ctx, body: list, *, allow_null: bool = False,
+               require_type: bool = True) -> tuple[list[dict], list[dict]]:
+    """Validate each entity; return (fragments, error entries) so one bad entity fails alone."""
+    parser = EntityParser(ctx.terms)
+    fragments: list[dict] = []
+    errors: list[dict] = []
+    for item in body:
+        try:
+            if allow_null:
+                fragment = parser.entity(item, require_type=False)
+                fragment["attrs"] = parser.attributes(item, allow_null=True)
+            else:
+                fragment = parser.entity(item, require_type=require_type)
+            fragments.append(fragment)
+        except NgsiLdError as error:
+            entity_id = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
+            errors.append({"entityId": entity_id, "error": error.problem()})
+    return fragments, errors
+
+
+async def _run(request: Request, ctx: Ctx, ops: list[tuple[str, Mutation]]) -> tuple[list[str], list[dict], list]:
+    results = await request.app.state.broker.mutate(ctx.tenant, ops)
+    success: list[str] = []
+    errors: list[dict] = []
+    for (entity_id, _), result in zip(ops, results):
+        if isinstance(result, NgsiLdError):
+            errors.append({"entityId": entity_id, "error": result.problem()})
+        else:
+            success.append(entity_id)
+    return success, errors, results
+
+
+def _multi_status(ctx: Ctx, success: list[str], errors: list[dict]) -> Response:
+    return Response(orjson.dumps({"success": success, "errors": errors}), status_code=207, media_type="application/json")
+
+
+@router.post("/create")
+async def batch_create(request: Request) -> Response:
+    """Batch create (5.6.7): 201 with the created ids, or 207."""
+    body, ctx = await _batch_body(request)
+    fragments, errors = _parse_all(ctx, body)
+    success, run_errors, _ = await _run(request, ctx, [(f["id"], Broker.create_op(f)) for f in fragments])
+    errors += run_errors
+    if errors:
+        return _multi_status(ctx, success, errors)
+    return Response(orjson.dumps(success), status_code=201, media_type="application/json")
+
+
+@router.post("/upsert")
+async def batch_upsert(request: Request) -> Response:
+    """Batch upsert (5.6.8), options=replace (default) or update: 201 with created ids, 204 if none created, or 207."""
+    body, ctx = await _batch_body(request)
+    options = options_of(request)
+    if {"replace", "update"} <= options:
+        raise BadRequestData("options replace and update exclude each other")
+    fragments, errors = _parse_all(ctx, body)
+    if "update" in options:
+        ops = [(f["id"], Broker.append_op(f, no_overwrite=False, must_exist=False)) for f in fragments]
+    else:
+        ops = [(f["id"], Broker.replace_op(f, must_exist=False)) for f in fragments]
+    success, run_errors, results = await _run(request, ctx, ops)
+    errors += run_errors
+    if errors:
+        return _multi_status(ctx, success, errors)
+    created = [entity_id for (entity_id, _), result in zip(ops, results) if result == "created"]
+    if created:
+        return Response(orjson.dumps(created), status_code=201, media_type="application/json")
+    return Response(status_code=204)
+
+
+@router.post("/update")
+async def batch_update(request: Request) -> Response:
+    """Batch update (5.6.9), options=noOverwrite: 204 or 207 (missing entities are errors)."""
+    body, ctx = await _batch_body(request)
+    no_overwrite = "noOverwrite" in options_of(request)
+    fragments, errors = _parse_all(ctx, body, require_type=False)
+    ops = [(f["id"], Broker.append_op(f, no_overwrite=no_overwrite, must_exist=True)) for f in fragments]
+    success, run_errors, _ = await _run(request, ctx, ops)
+    errors += run_errors
+    return _multi_status(ctx, success, errors) if errors else Response(status_code=204)
+
+
+@router.post("/merge")
+async def batch_merge(request: Request) -> Response:
+    """Batch merge (5.6.20): 204 or 207."""
+    body, ctx = await _batch_body(request)
+    fragments, errors = _parse_all(ctx, body, allow_null=True)
+    success, run_errors, _ = await _run(request, ctx, [(f["id"], Broker.merge_op(f)) for f in fragments])
+    errors += run_errors
+    return _multi_status(ctx, success, errors) if errors else Response(status_code=204)
+
+
+@router.post("/delete")
+async def batch_delete(request: Request) -> Response:
+    """Batch delete (5.6.10) of an array of ids: 204 or 207."""
+    body, media = await read_body(request)
+    if not isinstance(body, list):
+        raise BadRequestData("a batch delete body must be a JSON array of entity ids")
+    ctx = await context_for(request, request.app.state.contexts)
+    ops: list[tuple[str, Mutation]] = []
+    errors: list[dict] = []
+    for item in body:
+        try:
+            ops.append((check_uri(item, "entity id"), Broker.delete_op(item)))
+        except NgsiLdError as error:
+            errors.append({"entityId": item if isinstance(item, str) else None, "error": error.problem()})
+    success, run_errors, _ = await _run(request, ctx, ops)
+    errors += run_errors
+    return _multi_status(ctx, success, errors) if errors else Response(status_code=204)
+
+
+@router.post("/query")
+async def batch_query(request: Request) -> Response:
+    """Query by POST (5.7.2 with a Query body): entities, attrs, q, geoQ; limit/offset/count in the URL."""
+    body, media = await read_body(request)
+    if not isinstance(body, dict):
+        raise BadRequestData("the query body must be a JSON object of type Query")
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    if body.get("type") != "Query":
+        raise BadRequestData("the query body must have \"type\": \"Query\"")
+    selectors = body.get("entities")
+    if selectors is not None and (not isinstance(selectors, list) or not all(isinstance(s, dict) for s in selectors)):
+        raise BadRequestData("entities must be an array of entity selectors")
+    attrs = body.get("attrs")
+    if attrs is not None:
+        if not isinstance(attrs, list) or not all(isinstance(a, str) for a in attrs):
+            raise BadRequestData("attrs must be an array of attribute names")
+        attrs = {ctx.terms.expand(check_name(a)) for a in attrs}
+    q = body.get("q")
+    if q is not None and not isinstance(q, str):
+        raise BadRequestData("q must be a string")
+    geo_q: Any = body.get("geoQ")
+    geo = (None, None, None, None)
+    if geo_q is not None:
+        if not isinstance(geo_q, dict):
+            raise BadRequestData("geoQ must be an object with georel, geometry and coordinates")
+        geo = (geo_q.get("georel"), geo_q.get("geometry"), geo_q.get("coordinates"), geo_q.get("geoproperty"))
+    if not selectors and attrs is None and q is None and geo_q is None:
+        raise BadRequestData("a query needs entities, attrs, q or geoQ")
+    if not selectors:
+        return await run_query(request, ctx, ids=None, id_pattern=None, type_text=None, attrs=attrs, q_text=q, geo=geo)
+    if len(selectors) == 1:
+        s = selectors[0]
+        return await run_query(request, ctx, ids=[s["id"]] if "id" in s else None, id_pattern=s.get("idPattern"),
+                               type_text=_type_text(s), attrs=attrs, q_text=q, geo=geo)
+    type_texts = [_type_text(s) for s in selectors]
+    if any("id" in s or "idPattern" in s for s in selectors) or any(t is None for t in type_texts):
+        raise BadRequestData("several entity selectors may only differ by type")
+    return await run_query(request, ctx, ids=None, id_pattern=None, type_text="|".join(f"({t})" for t in type_texts),
+                           attrs=attrs, q_text=q, geo=geo)
+
+
+def _type_text(selector: dict) -> str | None:
+    value = selector.get("type")
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise BadRequestData("an entity selector's type must be a string")
+    return value

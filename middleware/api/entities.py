@@ -1,0 +1,257 @@
+"""NGSI-LD entity routes (ETSI GS CIM 009 v1.8 clauses 5.6 and 5.7): create, retrieve, query, replace, merge, attrs."""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from ..context.broker import AttrReport, Broker
+from ..context.errors import BadRequestData, TooManyResults
+from ..context.geo import parse_geoq
+from ..context.model import EntityParser, Renderer, check_name, check_uri
+from ..context.query import parse_q
+from ..context.typeexpr import parse_type_selection
+from .common import GEOJSON, Ctx, context_for, int_param, options_of, read_body, respond, split_list
+
+router = APIRouter(prefix="/ngsi-ld/v1")
+
+
+def _broker(request: Request) -> Broker:
+    return request.app.state.broker
+
+
+def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None) -> Renderer:
+    """The Renderer asked for by options=, format=, lang=, pick= and omit=."""
+    options = options_of(request)
+    fmt = request.query_params.get("format")
+    if fmt is None:
+        chosen = options & {"keyValues", "simplified", "concise", "normalized"}
+        if len(chosen - {"normalized"}) > 1 or ({"keyValues", "simplified"} & chosen and "concise" in chosen):
+            raise BadRequestData("options keyValues and concise exclude each other")
+        fmt = next(iter(chosen - {"normalized"}), "normalized")
+    if fmt == "simplified":
+        fmt = "keyValues"
+    if fmt not in ("normalized", "keyValues", "concise"):
+        raise BadRequestData(f"format must be normalized, keyValues, simplified or concise, got {fmt!r}")
+    pick = split_list(request.query_params.get("pick"))
+    omit = split_list(request.query_params.get("omit"))
+    if pick is not None and omit is not None:
+        raise BadRequestData("pick and omit exclude each other")
+    pick_members = None
+    if pick is not None:
+        pick_members = {p for p in pick if p in ("id", "type", "scope")}
+        picked = {ctx.terms.expand(check_name(p)) for p in pick if p not in ("id", "type", "scope")}
+        attrs = picked if attrs is None else attrs & picked
+    omitted = None
+    if omit is not None:
+        omitted = {p if p in ("id", "type", "scope") else ctx.terms.expand(check_name(p)) for p in omit}
+    lang = request.query_params.get("lang")
+    return Renderer(ctx.terms, fmt=fmt, sys_attrs="sysAttrs" in options, lang=lang, attrs=attrs, omit=omitted,
+                    pick_members=pick_members)
+
+
+def attrs_param(request: Request, ctx: Ctx) -> set[str] | None:
+    """The expanded names of the attrs parameter."""
+    attrs = split_list(request.query_params.get("attrs"))
+    return {ctx.terms.expand(check_name(a)) for a in attrs} if attrs is not None else None
+
+
+def as_geojson(request: Request, ctx: Ctx, rendered: dict, doc: dict) -> dict:
+    """One entity as a GeoJSON Feature (clause 4.5.16), geometry from geometryProperty (default location)."""
+    geometry_name = request.query_params.get("geometryProperty", "location")
+    instances = doc["attrs"].get(ctx.terms.expand(geometry_name)) or []
+    geometry = next((inst["value"] for inst in instances if inst["type"] == "GeoProperty"), None)
+    properties = {k: v for k, v in rendered.items() if k != "id"}
+    return {"id": doc["id"], "type": "Feature", "geometry": geometry, "properties": properties}
+
+
+@router.post("/entities")
+async def create_entity(request: Request) -> Response:
+    """Create an entity (5.6.1): 201 with Location, 409 AlreadyExists."""
+    body, media = await read_body(request)
+    if not isinstance(body, dict):
+        raise BadRequestData("the body must be one entity (a JSON object); use /entityOperations/create for arrays")
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    fragment = EntityParser(ctx.terms).entity(body)
+    await _broker(request).mutate_one(ctx.tenant, fragment["id"], Broker.create_op(fragment))
+    return Response(status_code=201, headers={"Location": f"/ngsi-ld/v1/entities/{fragment['id']}"})
+
+
+@router.get("/entities")
+async def query_entities(request: Request) -> Response:
+    """Query entities (5.7.2) by id, idPattern, type, attrs, q, geoQ; limit/offset/count."""
+    ctx = await context_for(request, request.app.state.contexts, geojson=True)
+    params = request.query_params
+    geo_params = (params.get("georel"), params.get("geometry"), params.get("coordinates"))
+    selectors = [params.get(p) for p in ("id", "idPattern", "type", "attrs", "q")] + list(geo_params)
+    if all(s is None for s in selectors) and params.get("local") != "true":
+        raise BadRequestData("a query needs at least one of id, idPattern, type, attrs, q or geoQ (or local=true)")
+    return await run_query(request, ctx, ids=split_list(params.get("id")), id_pattern=params.get("idPattern"),
+                           type_text=params.get("type"), attrs=attrs_param(request, ctx), q_text=params.get("q"),
+                           geo=(*geo_params, params.get("geoproperty")))
+
+
+async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, attrs, q_text, geo) -> Response:
+    """Validate the selection, run it, and render the page with NGSILD-Results-Count when count=true."""
+    settings = request.app.state.settings
+    limit = int_param(request, "limit", settings.default_limit)
+    offset = int_param(request, "offset", 0)
+    if limit > settings.max_limit:
+        raise TooManyResults(f"limit {limit} exceeds the maximum of {settings.max_limit}")
+    count = request.query_params.get("count") == "true"
+    if ids is not None:
+        for entity_id in ids:
+            check_uri(entity_id, "id")
+    types = parse_type_selection(type_text, ctx.terms.expand) if type_text is not None else None
+    q = parse_q(q_text, ctx.terms.expand) if q_text is not None else None
+    georel, geometry, coordinates, geoproperty = geo
+    geo_query = parse_geoq(georel, geometry, coordinates, geoproperty, ctx.terms.expand)
+    renderer = renderer_for(request, ctx, attrs=attrs)
+    result = await _broker(request).query(ctx.tenant, ids=ids, id_pattern=id_pattern, types=types, attrs=attrs,
+                                          q=q, geo=geo_query, limit=limit, offset=offset)
+    headers = {"NGSILD-Results-Count": str(result.total)} if count else {}
+    rendered = [renderer.entity(doc) for doc in result.entities]
+    if ctx.accept == GEOJSON:
+        features = [as_geojson(request, ctx, r, d) for r, d in zip(rendered, result.entities)]
+        return respond(ctx, {"type": "FeatureCollection", "features": features}, headers=headers)
+    return respond(ctx, rendered, headers=headers)
+
+
+@router.get("/entities/{entity_id}")
+async def retrieve_entity(entity_id: str, request: Request) -> Response:
+    """Retrieve an entity (5.7.1); 404 ResourceNotFound."""
+    check_uri(entity_id, "entity id")
+    ctx = await context_for(request, request.app.state.contexts, geojson=True)
+    attrs = attrs_param(request, ctx)
+    renderer = renderer_for(request, ctx, attrs=attrs)
+    doc = await _broker(request).retrieve(ctx.tenant, entity_id)
+    rendered = renderer.entity(doc)
+    if ctx.accept == GEOJSON:
+        return respond(ctx, as_geojson(request, ctx, rendered, doc))
+    return respond(ctx, rendered)
+
+
+@router.put("/entities/{entity_id}")
+async def replace_entity(entity_id: str, request: Request) -> Response:
+    """Replace an entity (5.6.18): 204; 404 if absent."""
+    check_uri(entity_id, "entity id")
+    body, media = await read_body(request)
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    fragment = _fragment_for(ctx, entity_id, body, require_type=False)
+    await _broker(request).mutate_one(ctx.tenant, entity_id, Broker.replace_op(fragment, must_exist=True))
+    return Response(status_code=204)
+
+
+@router.patch("/entities/{entity_id}")
+async def merge_entity(entity_id: str, request: Request) -> Response:
+    """Merge an entity (5.6.17, merge-patch semantics, urn:ngsi-ld:null deletes): 204; 404 if absent."""
+    check_uri(entity_id, "entity id")
+    body, media = await read_body(request, merge_patch=True)
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    fragment = _fragment_for(ctx, entity_id, body, require_type=False, allow_null=True)
+    await _broker(request).mutate_one(ctx.tenant, entity_id, Broker.merge_op(fragment))
+    return Response(status_code=204)
+
+
+@router.delete("/entities/{entity_id}")
+async def delete_entity(entity_id: str, request: Request) -> Response:
+    """Delete an entity (5.6.6): 204; 404 if absent."""
+    check_uri(entity_id, "entity id")
+    ctx = await context_for(request, request.app.state.contexts)
+    broker = _broker(request)
+    await broker.check_tenant(ctx.tenant)
+    await broker.mutate_one(ctx.tenant, entity_id, Broker.delete_op(entity_id))
+    return Response(status_code=204)
+
+
+@router.post("/entities/{entity_id}/attrs")
+async def append_attributes(entity_id: str, request: Request) -> Response:
+    """Append attributes (5.6.3), options=noOverwrite: 204, or 207 with updated / notUpdated."""
+    check_uri(entity_id, "entity id")
+    body, media = await read_body(request)
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    fragment = _fragment_for(ctx, entity_id, body, require_type=False)
+    no_overwrite = "noOverwrite" in options_of(request)
+    op = Broker.append_op(fragment, no_overwrite=no_overwrite, must_exist=True)
+    report = await _broker(request).mutate_one(ctx.tenant, entity_id, op)
+    return _report_response(ctx, report)
+
+
+@router.patch("/entities/{entity_id}/attrs")
+async def update_attributes(entity_id: str, request: Request) -> Response:
+    """Update existing attributes (5.6.2): 204, or 207 listing those not updated."""
+    check_uri(entity_id, "entity id")
+    body, media = await read_body(request)
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    fragment = _fragment_for(ctx, entity_id, body, require_type=False)
+    op = Broker.append_op(fragment, no_overwrite=False, must_exist=True, only_existing=True)
+    report = await _broker(request).mutate_one(ctx.tenant, entity_id, op)
+    return _report_response(ctx, report)
+
+
+@router.patch("/entities/{entity_id}/attrs/{attr}")
+async def partial_attribute_update(entity_id: str, attr: str, request: Request) -> Response:
+    """Partial attribute update (5.6.4): the given members change, the rest stays; 404 if absent."""
+    return await _attribute_write(entity_id, attr, request, replace=False)
+
+
+@router.put("/entities/{entity_id}/attrs/{attr}")
+async def replace_attribute(entity_id: str, attr: str, request: Request) -> Response:
+    """Replace an attribute (5.6.19); 404 if absent."""
+    return await _attribute_write(entity_id, attr, request, replace=True)
+
+
+async def _attribute_write(entity_id: str, attr: str, request: Request, *, replace: bool) -> Response:
+    check_uri(entity_id, "entity id")
+    check_name(attr)
+    body, media = await read_body(request)
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    if isinstance(body, dict):
+        body = {k: v for k, v in body.items() if k != "@context"}
+    instances = EntityParser(ctx.terms).attribute(attr, body)
+    op = Broker.attr_patch_op(entity_id, ctx.terms.expand(attr), instances, replace=replace)
+    await _broker(request).mutate_one(ctx.tenant, entity_id, op)
+    return Response(status_code=204)
+
+
+@router.delete("/entities/{entity_id}/attrs/{attr}")
+async def delete_attribute(entity_id: str, attr: str, request: Request) -> Response:
+    """Delete an attribute (5.6.5): the default instance, ?datasetId=, or ?deleteAll=true; 404 if absent."""
+    check_uri(entity_id, "entity id")
+    check_name(attr)
+    ctx = await context_for(request, request.app.state.contexts)
+    dataset_id = request.query_params.get("datasetId")
+    if dataset_id is not None:
+        check_uri(dataset_id, "datasetId")
+    delete_all = request.query_params.get("deleteAll") == "true"
+    op = Broker.attr_delete_op(entity_id, ctx.terms.expand(attr), dataset_id, delete_all)
+    await _broker(request).mutate_one(ctx.tenant, entity_id, op)
+    return Response(status_code=204)
+
+
+def _fragment_for(ctx: Ctx, entity_id: str, body: Any, *, require_type: bool, allow_null: bool = False) -> dict:
+    """A validated entity fragment for an entity addressed by URL (a different id in the body is an error)."""
+    if not isinstance(body, dict):
+        raise BadRequestData("the body must be a JSON object")
+    if "id" in body and body["id"] != entity_id:
+        raise BadRequestData(f"the body's id {body['id']!r} differs from the URL's {entity_id!r}")
+    parser = EntityParser(ctx.terms)
+    fragment = {"id": entity_id}
+    if "type" in body:
+        from ..context.model import expand_types
+        fragment["type"] = expand_types(body["type"], ctx.terms)
+    elif require_type:
+        raise BadRequestData("entity type is missing")
+    if "scope" in body:
+        fragment["scope"] = parser._scope(body["scope"])
+    fragment["attrs"] = parser.attributes(body, allow_null=allow_null)
+    return fragment
+
+
+def _report_response(ctx: Ctx, report: AttrReport) -> Response:
+    if not report.not_updated:
+        return Response(status_code=204)
+    payload = {"updated": [ctx.terms.compact(n) for n in report.updated],
+               "notUpdated": [{"attributeName": ctx.terms.compact(n), "reason": reason} for n, reason in report.not_updated]}
+    return respond(ctx, payload, status=207)

@@ -1,0 +1,129 @@
+"""Wires the middleware: settings → store → broker → FastAPI routers, error handlers and the body-size guard."""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import orjson
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import __version__
+from .api import batch, discovery, entities
+from .api.common import problem_response
+from .context.broker import Broker
+from .context.errors import BadRequestData, InternalError, InvalidRequest, NgsiLdError, PayloadTooLarge, ResourceNotFound
+from .context.jsonld import ContextResolver
+from .config import Settings
+from .store import open_store
+
+log = logging.getLogger("citybridge")
+
+
+class BodyLimit:
+    """ASGI guard: a request body larger than the limit gets 413 ProblemDetails before it is buffered."""
+
+    def __init__(self, app, limit: int):
+        self.app = app
+        self.limit = limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        for name, value in scope["headers"]:
+            if name == b"content-length" and value.isdigit() and int(value) > self.limit:
+                return await self._reject(send)
+        seen = 0
+        started = False
+
+        async def guarded_receive():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, guarded_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(send)
+
+    async def _reject(self, send):
+        error = PayloadTooLarge(f"the request body exceeds the limit of {self.limit} bytes (CITYBRIDGE_MAX_BODY_BYTES)")
+        body = orjson.dumps(error.problem())
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The middleware's ASGI application."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        store = open_store(settings.store)
+        await store.open()
+        app.state.store = store
+        app.state.broker = Broker(store)
+        app.state.contexts = ContextResolver(timeout=settings.context_timeout, cache_ttl=settings.context_cache_ttl)
+        log.info("citybridge %s ready: store %s", __version__, settings.store.split("@")[-1])
+        try:
+            yield
+        finally:
+            await app.state.contexts.close()
+            await store.close()
+
+    app = FastAPI(title="CityBridge", version=__version__, lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.settings = settings
+    app.include_router(entities.router)
+    app.include_router(batch.router)
+    app.include_router(discovery.router)
+
+    @app.get("/health")
+    async def health() -> Response:
+        """Liveness: 200 with the version."""
+        return Response(orjson.dumps({"status": "ok", "version": __version__}), media_type="application/json")
+
+    @app.exception_handler(NgsiLdError)
+    async def ngsi_error(request: Request, error: NgsiLdError) -> Response:
+        return problem_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, error: RequestValidationError) -> Response:
+        return problem_response(BadRequestData(str(error.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code == 404:
+            return problem_response(ResourceNotFound(f"no resource at {request.url.path}"))
+        if error.status_code == 405:
+            failure = InvalidRequest(f"method {request.method} is not allowed on {request.url.path}")
+            failure.status = 405
+            return problem_response(failure)
+        failure = InvalidRequest(str(error.detail))
+        failure.status = error.status_code
+        return problem_response(failure)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> Response:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return problem_response(InternalError(f"{error.__class__.__name__}: {error}"))
+
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    return app

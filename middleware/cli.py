@@ -1,0 +1,56 @@
+"""The `citybridge` command: `citybridge serve` runs the middleware; every option is also a CITYBRIDGE_* variable."""
+from __future__ import annotations
+
+import click
+
+from .config import Settings, load_settings
+
+_FIELDS = Settings.model_fields
+
+
+def _help(name: str) -> str:
+    field = _FIELDS[name]
+    return f"{field.description} [env CITYBRIDGE_{name.upper()}; default {field.default}]"
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="citybridge")
+def main() -> None:
+    """CityBridge: smart-city IoT middleware with an NGSI-LD context broker."""
+
+
+@main.command()
+@click.option("--config", "config_file", envvar="CITYBRIDGE_CONFIG", type=click.Path(exists=True, dir_okay=False),
+              help="YAML file of settings (same names as the options) [env CITYBRIDGE_CONFIG]")
+@click.option("--host", default=None, help=_help("host"))
+@click.option("--port", type=int, default=None, help=_help("port"))
+@click.option("--store", default=None, help=_help("store"))
+@click.option("--max-body-bytes", type=int, default=None, help=_help("max_body_bytes"))
+@click.option("--default-limit", type=int, default=None, help=_help("default_limit"))
+@click.option("--max-limit", type=int, default=None, help=_help("max_limit"))
+@click.option("--context-timeout", type=float, default=None, help=_help("context_timeout"))
+@click.option("--log-level", default=None, help=_help("log_level"))
+@click.option("--workers", type=int, default=None, help=_help("workers"))
+def serve(config_file: str | None, **options) -> None:
+    """Run the middleware (HTTP API on --host:--port)."""
+    import uvicorn
+
+    from .app import create_app
+    from .logs import setup_logging
+
+    settings = load_settings(config_file, **options)
+    log_config = setup_logging(settings.log_level)
+    if settings.workers > 1:
+        if settings.store.startswith("sqlite"):
+            raise click.UsageError("several workers need a shared store: set --store postgresql://...")
+        import os
+        os.environ.update({f"CITYBRIDGE_{k.upper()}": str(v) for k, v in settings.model_dump().items()})
+        uvicorn.run("middleware.app:create_app", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, log_config=log_config, access_log=False)
+        return
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=log_config,
+                access_log=False, http="httptools", loop="uvloop")
+
+
+if __name__ == "__main__":
+    main()

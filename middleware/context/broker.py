@@ -1,0 +1,393 @@
+"""The context broker core: entity operations (single and batch), queries and discovery over a Store.
+
+Every write is read-modify-write guarded by the row version, retried when another writer got there first,
+so several processes sharing one PostgreSQL store never lose each other's changes. After each commit the
+broker tells its listeners (subscriptions, history) what changed, as (tenant, [(old, new)]) pairs.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable, Iterable
+
+import orjson
+
+from ..store.base import Candidates, Change, Store, geo_entries
+from .errors import AlreadyExists, BadRequestData, NgsiLdError, NonexistentTenant, ResourceNotFound
+from .geo import GeoQuery
+from .model import NULL_URI, now_iso, stamp
+from .query import Query
+from .typeexpr import TypeSelection
+
+DEFAULT_TENANT = ""
+_MAX_RETRIES = 20
+
+Listener = Callable[[str, list[tuple[dict | None, dict | None]]], Awaitable[None]]
+Mutation = Callable[[dict | None, str], tuple[dict | None, Any]]
+
+
+@dataclass
+class AttrReport:
+    """Outcome of an attribute-level operation: names updated and (name, reason) not updated."""
+
+    updated: list[str] = field(default_factory=list)
+    not_updated: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass
+class QueryResult:
+    """A page of entities and the total number that matched."""
+
+    entities: list[dict]
+    total: int
+
+
+class Broker:
+    """Entity operations, queries and discovery for every tenant of one store."""
+
+    def __init__(self, store: Store):
+        self.store = store
+        self.listeners: list[Listener] = []
+
+    # ---------------------------------------------------------------- tenants
+
+    async def check_tenant(self, tenant: str) -> None:
+        """Raise NonexistentTenant for a named tenant that has never been written to."""
+        if tenant != DEFAULT_TENANT and not await self.store.tenant_exists(tenant):
+            raise NonexistentTenant(f"tenant {tenant!r} does not exist")
+
+    # ---------------------------------------------------------------- the write engine
+
+    async def mutate(self, tenant: str, ops: list[tuple[str, Mutation]]) -> list[Any]:
+        """Apply mutations (entity id, fn(stored doc or None, now) -> (new doc or None, result)) atomically per try.
+
+        fn may raise NgsiLdError, which becomes that operation's result. Several ops on one id apply in order.
+        """
+        results: list[Any] = [None] * len(ops)
+        pending = list(range(len(ops)))
+        for _ in range(_MAX_RETRIES):
+            ids = list(dict.fromkeys(ops[i][0] for i in pending))
+            stored = await self.store.get(tenant, ids)
+            now = now_iso()
+            state: dict[str, tuple[dict | None, int | None, dict | None]] = {}
+            for entity_id in ids:
+                found = stored.get(entity_id)
+                state[entity_id] = (found.doc, found.version, found.doc) if found else (None, None, None)
+            for index in pending:
+                entity_id, fn = ops[index]
+                original, version, current = state[entity_id]
+                try:
+                    working = orjson.loads(orjson.dumps(current)) if current is not None and current is original else current
+                    new_doc, result = fn(working, now)
+                except NgsiLdError as error:
+                    results[index] = error
+                    continue
+                results[index] = result
+                state[entity_id] = (original, version, new_doc)
+            changes: list[Change] = []
+            events: list[tuple[dict | None, dict | None]] = []
+            for entity_id in ids:
+                original, version, current = state[entity_id]
+                if current is original:
+                    continue
+                if original is None:
+                    changes.append(Change("insert", entity_id, current, None, current["type"], [], geo_entries(current)))
+                elif current is None:
+                    changes.append(Change("delete", entity_id, None, version, [], original["type"], [],
+                                          bool(geo_entries(original))))
+                else:
+                    changes.append(Change("update", entity_id, current, version, current["type"], original["type"],
+                                          geo_entries(current), bool(geo_entries(original))))
+                events.append((original, current))
+            if not changes:
+                return results
+            conflicts = set(await self.store.write(tenant, changes))
+            if conflicts:
+                events = [e for e in events if (e[0] or e[1])["id"] not in conflicts]
+            await self._notify(tenant, events)
+            if not conflicts:
+                return results
+            pending = [i for i in pending if ops[i][0] in conflicts]
+        raise NgsiLdError(f"could not apply the change after {_MAX_RETRIES} concurrent-write retries")
+
+    async def _notify(self, tenant: str, events: list[tuple[dict | None, dict | None]]) -> None:
+        if events:
+            for listener in self.listeners:
+                await listener(tenant, events)
+
+    async def mutate_one(self, tenant: str, entity_id: str, fn: Mutation) -> Any:
+        """Run one mutation and raise its error, if any."""
+        (result,) = await self.mutate(tenant, [(entity_id, fn)])
+        if isinstance(result, NgsiLdError):
+            raise result
+        return result
+
+    # ---------------------------------------------------------------- entity operations (as mutations)
+
+    @staticmethod
+    def create_op(fragment: dict) -> Mutation:
+        """Create an entity; AlreadyExists if its id is taken."""
+        def fn(doc, now):
+            if doc is not None:
+                raise AlreadyExists(f"entity {fragment['id']} already exists")
+            return new_entity(fragment, now), fragment["id"]
+        return fn
+
+    @staticmethod
+    def replace_op(fragment: dict, *, must_exist: bool) -> Mutation:
+        """Replace an entity wholly (its createdAt is kept); with must_exist False, create it when absent."""
+        def fn(doc, now):
+            if doc is None:
+                if must_exist:
+                    raise ResourceNotFound(f"entity {fragment['id']} not found")
+                return new_entity(fragment, now), "created"
+            fresh = new_entity(fragment, now)
+            fresh["createdAt"] = doc["createdAt"]
+            if "type" not in fragment:
+                fresh["type"] = doc["type"]
+            return fresh, "updated"
+        return fn
+
+    @staticmethod
+    def append_op(fragment: dict, *, no_overwrite: bool, must_exist: bool, only_existing: bool = False) -> Mutation:
+        """Append attributes (overwriting existing ones unless no_overwrite); only_existing gives update semantics."""
+        def fn(doc, now):
+            if doc is None:
+                if must_exist:
+                    raise ResourceNotFound(f"entity {fragment['id']} not found")
+                return new_entity(fragment, now), "created"
+            report = AttrReport()
+            for name, instances in fragment["attrs"].items():
+                existing = doc["attrs"].get(name)
+                if only_existing and existing is None:
+                    report.not_updated.append((name, "attribute does not exist"))
+                    continue
+                if existing is not None and no_overwrite:
+                    kept = {inst.get("datasetId") for inst in existing}
+                    fresh = [inst for inst in instances if inst.get("datasetId") not in kept]
+                    if not fresh:
+                        report.not_updated.append((name, "attribute exists and options=noOverwrite"))
+                        continue
+                    instances = fresh
+                if only_existing:
+                    known = {inst.get("datasetId") for inst in existing}
+                    missing = [inst for inst in instances if inst.get("datasetId") not in known]
+                    if missing:
+                        report.not_updated.append((name, f"no instance with datasetId {missing[0].get('datasetId')}"))
+                        continue
+                doc["attrs"][name] = put_instances(existing or [], instances, now)
+                report.updated.append(name)
+            if "type" in fragment:
+                for type_iri in fragment["type"]:
+                    if type_iri not in doc["type"]:
+                        doc["type"].append(type_iri)
+            if "scope" in fragment:
+                doc["scope"] = fragment["scope"]
+            if report.updated or "type" in fragment:
+                doc["modifiedAt"] = now
+            return doc, report
+        return fn
+
+    @staticmethod
+    def merge_op(fragment: dict) -> Mutation:
+        """Merge-patch an entity (clause 5.6.17): attributes merged member by member, urn:ngsi-ld:null deletes."""
+        def fn(doc, now):
+            if doc is None:
+                raise ResourceNotFound(f"entity {fragment['id']} not found")
+            for name, instances in fragment["attrs"].items():
+                existing = doc["attrs"].get(name)
+                for inst in instances:
+                    dataset = inst.get("datasetId")
+                    if _is_null(inst):
+                        if existing is not None:
+                            existing = [old for old in existing if old.get("datasetId") != dataset]
+                        continue
+                    match = next((old for old in existing or [] if old.get("datasetId") == dataset), None)
+                    if match is None:
+                        existing = (existing or []) + [stamp(strip_nulls(inst), now)]
+                    else:
+                        merged = merge_instance(match, inst, now)
+                        existing = [merged if old is match else old for old in existing]
+                if existing:
+                    doc["attrs"][name] = existing
+                else:
+                    doc["attrs"].pop(name, None)
+            if "type" in fragment:
+                for type_iri in fragment["type"]:
+                    if type_iri not in doc["type"]:
+                        doc["type"].append(type_iri)
+            if "scope" in fragment:
+                doc["scope"] = fragment["scope"]
+            doc["modifiedAt"] = now
+            return doc, None
+        return fn
+
+    @staticmethod
+    def delete_op(entity_id: str) -> Mutation:
+        """Delete an entity; ResourceNotFound if absent."""
+        def fn(doc, now):
+            if doc is None:
+                raise ResourceNotFound(f"entity {entity_id} not found")
+            return None, entity_id
+        return fn
+
+    @staticmethod
+    def attr_patch_op(entity_id: str, name: str, instances: list[dict], *, replace: bool) -> Mutation:
+        """Partially update (merge) or replace one attribute's instances, selected by datasetId; 404 if absent."""
+        def fn(doc, now):
+            if doc is None:
+                raise ResourceNotFound(f"entity {entity_id} not found")
+            existing = doc["attrs"].get(name)
+            if existing is None:
+                raise ResourceNotFound(f"entity {entity_id} has no attribute {name}")
+            for inst in instances:
+                dataset = inst.get("datasetId")
+                match = next((old for old in existing if old.get("datasetId") == dataset), None)
+                if match is None:
+                    raise ResourceNotFound(f"attribute {name} has no instance with datasetId {dataset}")
+                new = stamp(inst, now, match["createdAt"]) if replace else merge_instance(match, inst, now)
+                existing = [new if old is match else old for old in existing]
+            doc["attrs"][name] = existing
+            doc["modifiedAt"] = now
+            return doc, None
+        return fn
+
+    @staticmethod
+    def attr_delete_op(entity_id: str, name: str, dataset_id: str | None, delete_all: bool) -> Mutation:
+        """Delete one attribute instance (default, by datasetId, or all); 404 if absent."""
+        def fn(doc, now):
+            if doc is None:
+                raise ResourceNotFound(f"entity {entity_id} not found")
+            existing = doc["attrs"].get(name)
+            if existing is None:
+                raise ResourceNotFound(f"entity {entity_id} has no attribute {name}")
+            if delete_all:
+                remaining = []
+            else:
+                remaining = [inst for inst in existing if inst.get("datasetId") != dataset_id]
+                if len(remaining) == len(existing):
+                    what = f"datasetId {dataset_id}" if dataset_id else "default instance (no datasetId)"
+                    raise ResourceNotFound(f"attribute {name} has no {what}")
+            if remaining:
+                doc["attrs"][name] = remaining
+            else:
+                del doc["attrs"][name]
+            doc["modifiedAt"] = now
+            return doc, None
+        return fn
+
+    # ---------------------------------------------------------------- reads
+
+    async def retrieve(self, tenant: str, entity_id: str) -> dict:
+        """One stored entity; ResourceNotFound if absent."""
+        found = (await self.store.get(tenant, [entity_id])).get(entity_id)
+        if found is None:
+            await self.check_tenant(tenant)
+            raise ResourceNotFound(f"entity {entity_id} not found")
+        return found.doc
+
+    async def query(self, tenant: str, *, ids: list[str] | None = None, id_pattern: str | None = None,
+                    types: TypeSelection | None = None, attrs: set[str] | None = None, q: Query | None = None,
+                    geo: GeoQuery | None = None, scope: Callable[[dict], bool] | None = None,
+                    limit: int = 20, offset: int = 0) -> QueryResult:
+        """Entities matching every given filter, nearest first for `near`, else in creation order."""
+        await self.check_tenant(tenant)
+        candidates = Candidates(ids=ids, types=types.names if types else None)
+        if geo is not None:
+            candidates.geo_attr = geo.geoproperty
+            candidates.bbox = geo.index_bbox()
+        docs = await self.store.query(tenant, candidates)
+        pattern = _compile_pattern(id_pattern) if id_pattern else None
+        matched: list[dict] = []
+        distances: dict[str, float] = {}
+        for doc in docs:
+            if pattern is not None and not pattern.search(doc["id"]):
+                continue
+            if types is not None and not types.matches(doc["type"]):
+                continue
+            if attrs is not None and not any(a in doc["attrs"] for a in attrs):
+                continue
+            if q is not None and not q.matches(doc):
+                continue
+            if scope is not None and not scope(doc):
+                continue
+            if geo is not None:
+                instances = doc["attrs"].get(geo.geoproperty)
+                hits = [inst for inst in instances or () if inst["type"] == "GeoProperty" and geo.matches(inst["value"])]
+                if not hits:
+                    continue
+                if geo.georel == "near":
+                    distances[doc["id"]] = min(geo.distance(inst["value"]) for inst in hits)
+            matched.append(doc)
+        if geo is not None and geo.georel == "near":
+            matched.sort(key=lambda d: distances[d["id"]])
+        return QueryResult(matched[offset:offset + limit], len(matched))
+
+    async def all_entities(self, tenant: str) -> list[dict]:
+        """Every entity of a tenant (discovery)."""
+        await self.check_tenant(tenant)
+        return await self.store.all_docs(tenant)
+
+
+# -------------------------------------------------------------------- stored-form helpers
+
+
+def new_entity(fragment: dict, now: str) -> dict:
+    """A stored entity built from a validated fragment, every instance stamped with now."""
+    doc = {"id": fragment["id"], "type": list(fragment["type"]), "createdAt": now, "modifiedAt": now,
+           "attrs": {name: [stamp(inst, now) for inst in instances] for name, instances in fragment["attrs"].items()}}
+    if "scope" in fragment:
+        doc["scope"] = fragment["scope"]
+    return doc
+
+
+def put_instances(existing: list[dict], instances: Iterable[dict], now: str) -> list[dict]:
+    """Replace the instances with the same datasetId (keeping their createdAt) and add the others."""
+    result = list(existing)
+    for inst in instances:
+        dataset = inst.get("datasetId")
+        for position, old in enumerate(result):
+            if old.get("datasetId") == dataset:
+                result[position] = stamp(inst, now, old["createdAt"])
+                break
+        else:
+            result.append(stamp(inst, now))
+    return result
+
+
+def merge_instance(old: dict, new: dict, now: str) -> dict:
+    """Merge-patch one instance: members of new replace old ones, sub-attributes merge, urn:ngsi-ld:null removes."""
+    if new["type"] != old["type"]:
+        return stamp(strip_nulls(new), now, old["createdAt"])
+    merged = dict(old)
+    for key, value in new.items():
+        if ":" in key and isinstance(value, dict):
+            if _is_null(value):
+                merged.pop(key, None)
+            elif key in merged and merged[key].get("type") == value.get("type"):
+                merged[key] = merge_instance(merged[key], value, now)
+            else:
+                merged[key] = stamp(strip_nulls(value), now)
+        else:
+            merged[key] = value
+    merged["modifiedAt"] = now
+    return merged
+
+
+def strip_nulls(inst: dict) -> dict:
+    """Drop sub-attributes whose value is urn:ngsi-ld:null (nothing to delete in a new instance)."""
+    return {k: v for k, v in inst.items() if not (":" in k and isinstance(v, dict) and _is_null(v))}
+
+
+def _is_null(inst: dict) -> bool:
+    for member in ("value", "object", "languageMap", "valueList", "objectList", "json", "vocab"):
+        if member in inst:
+            return inst[member] == NULL_URI
+    return False
+
+
+def _compile_pattern(pattern: str) -> re.Pattern:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise BadRequestData(f"idPattern {pattern!r} is not a valid regular expression: {exc}") from None

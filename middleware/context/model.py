@@ -1,0 +1,414 @@
+"""The entity model: validate NGSI-LD input (normalized or concise) into the stored form, and render it back.
+
+Stored form (what the store keeps and every other module reads)::
+
+    {"id": "urn:...", "type": [expanded type IRIs], "createdAt": ts, "modifiedAt": ts,
+     "scope": [...]?,                       # optional, as given
+     "attrs": {expanded attribute IRI: [instance, ...]}}   # one instance per datasetId
+
+    instance = {"type": "Property"|"GeoProperty"|"Relationship"|"LanguageProperty"|"ListProperty"
+                        |"ListRelationship"|"JsonProperty"|"VocabProperty",
+                "value"|"object"|"objectList"|"languageMap"|"valueList"|"json"|"vocab": ...,
+                "datasetId"?, "observedAt"?, "unitCode"?, "objectType"?, "createdAt", "modifiedAt",
+                expanded sub-attribute IRI: instance (without datasetId), ...}
+"""
+from __future__ import annotations
+
+import re
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from .errors import BadRequestData
+from .geo import validate_geojson
+from .jsonld import TermMap
+
+NULL_URI = "urn:ngsi-ld:null"
+ATTRIBUTE_TYPES = ("Property", "GeoProperty", "Relationship", "LanguageProperty", "ListProperty",
+                   "ListRelationship", "JsonProperty", "VocabProperty")
+VALUE_MEMBER = {"Property": "value", "GeoProperty": "value", "Relationship": "object", "LanguageProperty": "languageMap",
+                "ListProperty": "valueList", "ListRelationship": "objectList", "JsonProperty": "json",
+                "VocabProperty": "vocab"}
+_INFER_FROM_MEMBER = {"value": "Property", "object": "Relationship", "languageMap": "LanguageProperty",
+                      "valueList": "ListProperty", "objectList": "ListRelationship", "json": "JsonProperty",
+                      "vocab": "VocabProperty"}
+SYSTEM_MEMBERS = frozenset({"createdAt", "modifiedAt", "deletedAt", "instanceId"})
+CORE_MEMBERS = frozenset({"type", "value", "object", "objectList", "languageMap", "valueList", "json", "vocab",
+                          "datasetId", "observedAt", "unitCode", "objectType", "lang", "@context",
+                          "previousValue", "previousObject", "previousLanguageMap", "previousValueList",
+                          "previousObjectList", "previousJson", "previousVocab"}) | SYSTEM_MEMBERS
+ENTITY_MEMBERS = frozenset({"id", "type", "@context", "scope", "createdAt", "modifiedAt", "deletedAt"})
+GEOJSON_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
+                           "GeometryCollection"})
+_FORBIDDEN_NAME = re.compile(r"[<>\"'=;()\s\x00-\x1f]")
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`]+$")
+_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$")
+
+
+def now_iso() -> str:
+    """The current UTC time as an NGSI-LD DateTime with milliseconds."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def is_uri(value: Any) -> bool:
+    """True if value is a string that is an absolute URI (scheme ':' rest)."""
+    return isinstance(value, str) and _URI.match(value) is not None
+
+
+def check_uri(value: Any, what: str) -> str:
+    """Return value if it is an absolute URI, else raise BadRequestData naming what."""
+    if not is_uri(value):
+        raise BadRequestData(f"{what} must be a URI, got {value!r}")
+    return value
+
+
+def check_datetime(value: Any, what: str) -> str:
+    """Return value if it is an ISO 8601 DateTime with a time zone, else raise BadRequestData."""
+    if not isinstance(value, str) or not _DATETIME.match(value):
+        raise BadRequestData(f"{what} must be an ISO 8601 DateTime (e.g. 2026-01-01T00:00:00Z), got {value!r}")
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequestData(f"{what} is not a valid DateTime: {value!r}") from None
+    return value
+
+
+def check_name(name: Any, what: str = "attribute name") -> str:
+    """Return name if it is a valid NGSI-LD name (clause 4.6.2), else raise BadRequestData."""
+    if not isinstance(name, str) or not name or _FORBIDDEN_NAME.search(name):
+        raise BadRequestData(f"invalid {what} {name!r}: names must be non-empty and contain none of < > \" ' = ; ( ) or whitespace")
+    return name
+
+
+def expand_types(value: Any, terms: TermMap) -> list[str]:
+    """Validate an entity 'type' member (string or non-empty array) and return the expanded type IRIs."""
+    names = value if isinstance(value, list) else [value]
+    if not names:
+        raise BadRequestData("entity type must not be empty")
+    result: list[str] = []
+    for name in names:
+        check_name(name, "entity type")
+        iri = terms.expand(name)
+        if iri not in result:
+            result.append(iri)
+    return result
+
+
+class EntityParser:
+    """Turns request bodies (normalized or concise NGSI-LD) into stored-form fragments, with one term map."""
+
+    def __init__(self, terms: TermMap):
+        self.terms = terms
+
+    def entity(self, body: Any, *, require_id: bool = True, require_type: bool = True) -> dict:
+        """Validate a whole entity body; return {'id', 'type', 'attrs', 'scope'?} in stored form (no timestamps)."""
+        if not isinstance(body, dict):
+            raise BadRequestData("an entity must be a JSON object")
+        entity: dict[str, Any] = {}
+        if "id" in body:
+            entity["id"] = check_uri(body["id"], "entity id")
+        elif require_id:
+            raise BadRequestData("entity id is missing")
+        if "type" in body:
+            entity["type"] = expand_types(body["type"], self.terms)
+        elif require_type:
+            raise BadRequestData("entity type is missing")
+        if "scope" in body:
+            entity["scope"] = self._scope(body["scope"])
+        entity["attrs"] = self.attributes(body)
+        return entity
+
+    def attributes(self, body: dict, *, allow_null: bool = False) -> dict[str, list[dict]]:
+        """Validate the attribute members of a fragment; return {expanded name: [instances]}."""
+        attrs: dict[str, list[dict]] = {}
+        for name, raw in body.items():
+            if name in ENTITY_MEMBERS:
+                continue
+            check_name(name)
+            iri = self.terms.expand(name)
+            if iri in attrs:
+                raise BadRequestData(f"attribute {name!r} is given twice")
+            attrs[iri] = self.attribute(name, raw, allow_null=allow_null)
+        return attrs
+
+    def attribute(self, name: str, raw: Any, *, allow_null: bool = False) -> list[dict]:
+        """Validate one attribute (single instance or an array of instances) into a list of instances."""
+        if isinstance(raw, list) and raw and all(isinstance(item, dict) and _looks_like_instance(item) for item in raw):
+            instances = [self.instance(name, item, allow_null=allow_null) for item in raw]
+            seen: set = set()
+            for inst in instances:
+                key = inst.get("datasetId")
+                if key in seen:
+                    raise BadRequestData(f"attribute {name!r} has two instances with datasetId {key!r}")
+                seen.add(key)
+            return instances
+        return [self.instance(name, raw, allow_null=allow_null)]
+
+    def instance(self, name: str, raw: Any, *, sub: bool = False, allow_null: bool = False) -> dict:
+        """Validate one attribute instance (normalized or concise) into its stored form."""
+        if raw is None:
+            raise BadRequestData(f"attribute {name!r} must not be null")
+        if allow_null and raw == NULL_URI:
+            return {"type": "Property", "value": NULL_URI}
+        if not isinstance(raw, dict):
+            return {"type": "Property", "value": raw}
+        kind = raw.get("type")
+        if kind is None:
+            kind = _infer_kind(raw)
+            if kind is None:
+                return {"type": "Property", "value": raw}
+            if kind == "GeoProperty" and "value" not in raw:
+                raw = {"type": "GeoProperty", "value": raw}
+        elif kind in GEOJSON_TYPES and "coordinates" in raw or kind == "GeometryCollection" and "geometries" in raw:
+            raw = {"type": "GeoProperty", "value": raw}
+            kind = "GeoProperty"
+        if kind not in ATTRIBUTE_TYPES:
+            raise BadRequestData(f"attribute {name!r} has an unknown type {kind!r}")
+        out: dict[str, Any] = {"type": kind}
+        member = VALUE_MEMBER[kind]
+        if member not in raw:
+            raise BadRequestData(f"attribute {name!r} of type {kind} needs a {member!r} member")
+        value = raw[member]
+        if value is None:
+            raise BadRequestData(f"attribute {name!r}: {member!r} must not be null")
+        if allow_null and value == NULL_URI:
+            out[member] = NULL_URI
+        else:
+            out[member] = self._value(name, kind, value)
+        for key, item in raw.items():
+            if key == "type" or key == member:
+                continue
+            if key == "datasetId":
+                if sub:
+                    raise BadRequestData(f"sub-attribute {name!r} must not have a datasetId")
+                out["datasetId"] = check_uri(item, f"datasetId of {name!r}")
+            elif key == "observedAt":
+                out["observedAt"] = check_datetime(item, f"observedAt of {name!r}")
+            elif key == "unitCode":
+                if not isinstance(item, str) or not item:
+                    raise BadRequestData(f"unitCode of {name!r} must be a non-empty string")
+                out["unitCode"] = item
+            elif key == "objectType" and kind in ("Relationship", "ListRelationship"):
+                out["objectType"] = self.terms.expand(item) if isinstance(item, str) else item
+            elif key in CORE_MEMBERS:
+                continue  # system members and other value members are not taken from input
+            else:
+                check_name(key, "sub-attribute name")
+                if allow_null and item == NULL_URI:
+                    out[self.terms.expand(key)] = {"type": "Property", "value": NULL_URI}
+                else:
+                    out[self.terms.expand(key)] = self.instance(key, item, sub=True, allow_null=allow_null)
+        return out
+
+    def _value(self, name: str, kind: str, value: Any) -> Any:
+        if kind == "GeoProperty":
+            validate_geojson(value)
+            return value
+        if kind == "Relationship":
+            if isinstance(value, list):
+                if not value:
+                    raise BadRequestData(f"relationship {name!r} has an empty object")
+                return [check_uri(v, f"object of {name!r}") for v in value]
+            return check_uri(value, f"object of {name!r}")
+        if kind == "ListRelationship":
+            if not isinstance(value, list):
+                raise BadRequestData(f"objectList of {name!r} must be an array")
+            for item in value:
+                target = item.get("object") if isinstance(item, dict) else item
+                check_uri(target, f"objectList item of {name!r}")
+            return value
+        if kind == "LanguageProperty":
+            if not isinstance(value, dict) or not value:
+                raise BadRequestData(f"languageMap of {name!r} must be a non-empty object")
+            for lang, text in value.items():
+                texts = text if isinstance(text, list) else [text]
+                if not isinstance(lang, str) or not all(isinstance(t, str) for t in texts):
+                    raise BadRequestData(f"languageMap of {name!r} must map language tags to strings")
+            return value
+        if kind == "ListProperty":
+            if not isinstance(value, list):
+                raise BadRequestData(f"valueList of {name!r} must be an array")
+            return value
+        if kind == "JsonProperty":
+            if not isinstance(value, (dict, list)):
+                raise BadRequestData(f"json of {name!r} must be a JSON object or array")
+            return value
+        if kind == "VocabProperty":
+            items = value if isinstance(value, list) else [value]
+            if not items or not all(isinstance(v, str) and v for v in items):
+                raise BadRequestData(f"vocab of {name!r} must be a string or an array of strings")
+            expanded = [self.terms.expand(v) for v in items]
+            return expanded if isinstance(value, list) else expanded[0]
+        if isinstance(value, dict) and value.get("@type") in ("DateTime", "Date", "Time") and "@value" in value:
+            return value
+        return value
+
+    def _scope(self, value: Any) -> list[str]:
+        items = value if isinstance(value, list) else [value]
+        for item in items:
+            if not isinstance(item, str) or not re.match(r"^/[^\s/]+(/[^\s/]+)*$", item):
+                raise BadRequestData(f"invalid scope {item!r}: scopes look like /Madrid/Gardens")
+        return items
+
+
+def _looks_like_instance(item: dict) -> bool:
+    return "type" in item and item["type"] in ATTRIBUTE_TYPES or any(m in item for m in _INFER_FROM_MEMBER)
+
+
+def _infer_kind(raw: dict) -> str | None:
+    for member, kind in _INFER_FROM_MEMBER.items():
+        if member in raw:
+            return kind
+    return None
+
+
+def stamp(instance: dict, now: str, created: str | None = None) -> dict:
+    """Set createdAt/modifiedAt on an instance and its sub-attributes (created keeps an earlier createdAt)."""
+    instance["createdAt"] = created or now
+    instance["modifiedAt"] = now
+    for key, item in instance.items():
+        if ":" in key and isinstance(item, dict):
+            stamp(item, now, created=None)
+    return instance
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rendering
+
+
+class Renderer:
+    """Renders stored entities for one request: compaction, format (normalized/keyValues/concise), sysAttrs, lang."""
+
+    def __init__(self, terms: TermMap, *, fmt: str = "normalized", sys_attrs: bool = False,
+                 lang: str | None = None, attrs: set[str] | None = None, omit: set[str] | None = None,
+                 pick_members: set[str] | None = None):
+        self.terms = terms
+        self.fmt = fmt
+        self.sys_attrs = sys_attrs
+        self.langs = _parse_lang(lang) if lang else None
+        self.attrs = attrs
+        self.omit = omit or set()
+        self.pick_members = pick_members
+        self._compact: Callable[[str], str] = terms.compact
+
+    def entity(self, entity: dict) -> dict:
+        """Render one stored entity."""
+        out: dict[str, Any] = {}
+        pick = self.pick_members
+        if (pick is None or "id" in pick) and "id" not in self.omit:
+            out["id"] = entity["id"]
+        if (pick is None or "type" in pick) and "type" not in self.omit:
+            types = [self._compact(t) for t in entity["type"]]
+            out["type"] = types[0] if len(types) == 1 else types
+        if "scope" in entity and (pick is None or "scope" in pick) and "scope" not in self.omit:
+            scope = entity["scope"]
+            out["scope"] = scope[0] if len(scope) == 1 else scope
+        if self.sys_attrs and self.fmt == "normalized":
+            out["createdAt"] = entity["createdAt"]
+            out["modifiedAt"] = entity["modifiedAt"]
+        wanted = self.attrs
+        for iri, instances in entity["attrs"].items():
+            if wanted is not None and iri not in wanted:
+                continue
+            if iri in self.omit:
+                continue
+            name = self._compact(iri)
+            rendered = [self.instance(inst) for inst in instances]
+            out[name] = rendered[0] if len(rendered) == 1 else rendered
+        return out
+
+    def instance(self, inst: dict) -> Any:
+        """Render one attribute instance in the request's format."""
+        kind = inst["type"]
+        fmt = self.fmt
+        if fmt == "keyValues":
+            return self._simple_value(inst)
+        out: dict[str, Any] = {}
+        if fmt == "normalized":
+            out["type"] = kind
+        if kind == "LanguageProperty" and self.langs is not None:
+            text, tag = _pick_lang(inst["languageMap"], self.langs)
+            if fmt == "normalized":
+                out["type"] = "Property"
+            out["value"] = text
+            out["lang"] = tag
+        else:
+            member = VALUE_MEMBER[kind]
+            value = inst[member]
+            if kind == "VocabProperty":
+                value = [self._compact(v) for v in value] if isinstance(value, list) else self._compact(value)
+            elif kind == "Relationship" and "objectType" in inst:
+                pass
+            if fmt == "concise" and kind in ("Property", "GeoProperty") and not _has_extras(inst, self.sys_attrs):
+                return value
+            out[member] = value
+        for key, item in inst.items():
+            if key in ("type", "value", "object", "objectList", "languageMap", "valueList", "json", "vocab"):
+                continue
+            if key in ("createdAt", "modifiedAt"):
+                if self.sys_attrs:
+                    out[key] = item
+                continue
+            if key == "objectType":
+                out[key] = self._compact(item) if isinstance(item, str) else item
+            elif ":" in key:
+                out[self._compact(key)] = self.instance(item)
+            else:
+                out[key] = item
+        return out
+
+    def _simple_value(self, inst: dict) -> Any:
+        kind = inst["type"]
+        if kind == "LanguageProperty":
+            if self.langs is not None:
+                return _pick_lang(inst["languageMap"], self.langs)[0]
+            return {"languageMap": inst["languageMap"]}
+        if kind == "VocabProperty":
+            value = inst["vocab"]
+            return [self._compact(v) for v in value] if isinstance(value, list) else self._compact(value)
+        if kind == "JsonProperty":
+            return {"json": inst["json"]}
+        if kind == "ListProperty":
+            return inst["valueList"]
+        if kind == "ListRelationship":
+            return inst["objectList"]
+        return inst[VALUE_MEMBER[kind]]
+
+
+def _has_extras(inst: dict, sys_attrs: bool) -> bool:
+    for key in inst:
+        if key in ("type", "value"):
+            continue
+        if key in ("createdAt", "modifiedAt") and not sys_attrs:
+            continue
+        return True
+    return False
+
+
+def _parse_lang(lang: str) -> list[str]:
+    weighted = []
+    for index, part in enumerate(lang.split(",")):
+        tag, _, params = part.strip().partition(";")
+        weight = 1.0
+        if params.strip().startswith("q="):
+            try:
+                weight = float(params.strip()[2:])
+            except ValueError:
+                raise BadRequestData(f"invalid lang parameter {lang!r}") from None
+        if tag:
+            weighted.append((-weight, index, tag))
+    return [tag for _, _, tag in sorted(weighted)]
+
+
+def _pick_lang(language_map: dict, langs: list[str]) -> tuple[Any, str]:
+    for tag in langs:
+        if tag == "*":
+            break
+        if tag in language_map:
+            return language_map[tag], tag
+        for key in language_map:
+            if key.split("-")[0] == tag.split("-")[0]:
+                return language_map[key], key
+    if "@none" in language_map:
+        return language_map["@none"], "@none"
+    key = next(iter(language_map))
+    return language_map[key], key

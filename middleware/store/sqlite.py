@@ -1,0 +1,197 @@
+"""The embedded store: SQLite in WAL mode, an R*Tree for GeoProperties, one writer thread and one reader thread."""
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+
+import orjson
+
+from .base import Candidates, Change, Stored
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
+CREATE TABLE IF NOT EXISTS entities(
+    seq INTEGER PRIMARY KEY, tenant TEXT NOT NULL, id TEXT NOT NULL, version INTEGER NOT NULL, doc TEXT NOT NULL,
+    UNIQUE(tenant, id));
+CREATE TABLE IF NOT EXISTS entity_types(tenant TEXT NOT NULL, type TEXT NOT NULL, seq INTEGER NOT NULL,
+    PRIMARY KEY(tenant, type, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS geo_rows(gid INTEGER PRIMARY KEY, seq INTEGER NOT NULL, tenant TEXT NOT NULL, attr TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS geo_rows_seq ON geo_rows(seq);
+CREATE VIRTUAL TABLE IF NOT EXISTS geo_rtree USING rtree(gid, min_x, max_x, min_y, max_y);
+"""
+
+_CHUNK = 500  # SQLite's default limit on host parameters is 32766; keep IN lists well below
+
+
+class SqliteStore:
+    """Context store in one SQLite file (the embedded default)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-write")
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite-read")
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self._lconn: sqlite3.Connection | None = None  # point lookups made on the event loop itself
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute("PRAGMA cache_size=-65536")
+        return conn
+
+    async def open(self) -> None:
+        """Open the database file (creating its folder) and the schema."""
+        folder = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(folder, exist_ok=True)
+        loop = asyncio.get_running_loop()
+
+        def setup() -> None:
+            self._wconn = self._connect()
+            self._wconn.executescript(SCHEMA)
+
+        await loop.run_in_executor(self._writer, setup)
+        self._rconn = await loop.run_in_executor(self._reader, self._connect)
+        self._lconn = self._connect()
+
+    async def close(self) -> None:
+        """Close both connections and stop the threads."""
+        loop = asyncio.get_running_loop()
+        if self._wconn is not None:
+            await loop.run_in_executor(self._writer, self._wconn.close)
+        if self._rconn is not None:
+            await loop.run_in_executor(self._reader, self._rconn.close)
+        if self._lconn is not None:
+            self._lconn.close()
+        self._writer.shutdown()
+        self._reader.shutdown()
+
+    async def _read(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._reader, fn, *args)
+
+    async def tenant_exists(self, tenant: str) -> bool:
+        """True once the tenant has had a write."""
+        def run() -> bool:
+            return self._rconn.execute("SELECT 1 FROM tenants WHERE name=?", (tenant,)).fetchone() is not None
+        return await self._read(run)
+
+    async def get(self, tenant: str, ids: list[str]) -> dict[str, Stored]:
+        """The stored entities with these ids."""
+        def run(conn: sqlite3.Connection) -> dict[str, Stored]:
+            found: dict[str, Stored] = {}
+            for start in range(0, len(ids), _CHUNK):
+                chunk = ids[start:start + _CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT id, version, doc FROM entities WHERE tenant=? AND id IN ({marks})", (tenant, *chunk))
+                for entity_id, version, doc in rows:
+                    found[entity_id] = Stored(orjson.loads(doc), version)
+            return found
+        if len(ids) == 1:
+            return run(self._lconn)  # a primary-key lookup costs less than the hop to the reader thread
+        return await self._read(run, self._rconn)
+
+    async def write(self, tenant: str, changes: list[Change]) -> list[str]:
+        """Apply the changes in one transaction; return ids whose version check failed."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write, tenant, changes)
+
+    def _write(self, tenant: str, changes: list[Change]) -> list[str]:
+        conn = self._wconn
+        conflicts: list[str] = []
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", (tenant,))
+            for change in changes:
+                if change.kind == "insert":
+                    cur = conn.execute(
+                        "INSERT INTO entities(tenant, id, version, doc) VALUES (?,?,1,?) ON CONFLICT DO NOTHING",
+                        (tenant, change.id, orjson.dumps(change.doc)))
+                    if cur.rowcount == 0:
+                        conflicts.append(change.id)
+                        continue
+                    seq = cur.lastrowid
+                    conn.executemany("INSERT INTO entity_types(tenant, type, seq) VALUES (?,?,?)",
+                                     [(tenant, t, seq) for t in change.types])
+                    self._insert_geo(conn, tenant, seq, change.geo)
+                elif change.kind == "update":
+                    row = conn.execute(
+                        "UPDATE entities SET version=version+1, doc=? WHERE tenant=? AND id=? AND version=? RETURNING seq",
+                        (orjson.dumps(change.doc), tenant, change.id, change.version)).fetchone()
+                    if row is None:
+                        conflicts.append(change.id)
+                        continue
+                    seq = row[0]
+                    if change.types != change.old_types:
+                        conn.executemany("DELETE FROM entity_types WHERE tenant=? AND type=? AND seq=?",
+                                         [(tenant, t, seq) for t in change.old_types])
+                        conn.executemany("INSERT INTO entity_types(tenant, type, seq) VALUES (?,?,?)",
+                                         [(tenant, t, seq) for t in change.types])
+                    if change.old_geo:
+                        self._delete_geo(conn, seq)
+                    self._insert_geo(conn, tenant, seq, change.geo)
+                else:
+                    query = "DELETE FROM entities WHERE tenant=? AND id=?"
+                    params: tuple = (tenant, change.id)
+                    if change.version is not None:
+                        query += " AND version=?"
+                        params += (change.version,)
+                    row = conn.execute(query + " RETURNING seq", params).fetchone()
+                    if row is None:
+                        conflicts.append(change.id)
+                        continue
+                    seq = row[0]
+                    conn.executemany("DELETE FROM entity_types WHERE tenant=? AND type=? AND seq=?",
+                                     [(tenant, t, seq) for t in change.old_types])
+                    if change.old_geo:
+                        self._delete_geo(conn, seq)
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        return conflicts
+
+    @staticmethod
+    def _insert_geo(conn: sqlite3.Connection, tenant: str, seq: int, geo) -> None:
+        for attr, (min_x, min_y, max_x, max_y) in geo:
+            gid = conn.execute("INSERT INTO geo_rows(seq, tenant, attr) VALUES (?,?,?)", (seq, tenant, attr)).lastrowid
+            conn.execute("INSERT INTO geo_rtree(gid, min_x, max_x, min_y, max_y) VALUES (?,?,?,?,?)",
+                         (gid, min_x, max_x, min_y, max_y))
+
+    @staticmethod
+    def _delete_geo(conn: sqlite3.Connection, seq: int) -> None:
+        gids = [row[0] for row in conn.execute("SELECT gid FROM geo_rows WHERE seq=?", (seq,))]
+        if gids:
+            conn.executemany("DELETE FROM geo_rtree WHERE gid=?", [(g,) for g in gids])
+            conn.execute("DELETE FROM geo_rows WHERE seq=?", (seq,))
+
+    async def query(self, tenant: str, candidates: Candidates) -> list[dict]:
+        """Entities passing the prefilter (ids, any-of types, bbox), in creation order."""
+        def run() -> list[dict]:
+            clauses = ["e.tenant=?"]
+            params: list = [tenant]
+            if candidates.ids is not None:
+                clauses.append(f"e.id IN ({','.join('?' * len(candidates.ids))})")
+                params.extend(candidates.ids)
+            if candidates.types is not None:
+                clauses.append(
+                    f"e.seq IN (SELECT seq FROM entity_types WHERE tenant=? AND type IN ({','.join('?' * len(candidates.types))}))")
+                params.append(tenant)
+                params.extend(candidates.types)
+            if candidates.bbox is not None:
+                min_x, min_y, max_x, max_y = candidates.bbox
+                clauses.append(
+                    "e.seq IN (SELECT g.seq FROM geo_rtree r JOIN geo_rows g ON g.gid=r.gid "
+                    "WHERE r.min_x<=? AND r.max_x>=? AND r.min_y<=? AND r.max_y>=? AND g.tenant=? AND g.attr=?)")
+                params.extend([max_x, min_x, max_y, min_y, tenant, candidates.geo_attr])
+            sql = f"SELECT doc FROM entities e WHERE {' AND '.join(clauses)} ORDER BY e.seq"
+            loads = orjson.loads
+            return [loads(row[0]) for row in self._rconn.execute(sql, params)]
+        return await self._read(run)
+
+    async def all_docs(self, tenant: str) -> list[dict]:
+        """Every entity of the tenant (for type and attribute discovery)."""
+        return await self.query(tenant, Candidates())
