@@ -6,6 +6,8 @@ broker tells its listeners (subscriptions, history) what changed, as (tenant, [(
 """
 from __future__ import annotations
 
+import asyncio
+import random
 import re
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Iterable
@@ -20,7 +22,8 @@ from .query import Query
 from .typeexpr import TypeSelection
 
 DEFAULT_TENANT = ""
-_MAX_RETRIES = 20
+_MAX_RETRIES = 60
+_BACKOFF_START, _BACKOFF_MAX = 0.001, 0.05  # seconds, doubled per conflict, with full jitter
 
 Listener = Callable[[str, list[tuple[dict | None, dict | None]]], Awaitable[None]]
 Mutation = Callable[[dict | None, str], tuple[dict | None, Any]]
@@ -65,7 +68,11 @@ class Broker:
         """
         results: list[Any] = [None] * len(ops)
         pending = list(range(len(ops)))
-        for _ in range(_MAX_RETRIES):
+        backoff = _BACKOFF_START
+        for attempt in range(_MAX_RETRIES):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, backoff))
+                backoff = min(backoff * 2, _BACKOFF_MAX)
             ids = list(dict.fromkeys(ops[i][0] for i in pending))
             stored = await self.store.get(tenant, ids)
             now = now_iso()
