@@ -1,6 +1,7 @@
 """NGSI-LD batch routes (clauses 5.6.7-5.6.10, 5.6.20, 5.7.2 POST query): 201/204 when all succeed, else 207."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import orjson
@@ -10,6 +11,7 @@ from fastapi.responses import Response
 from ..context.broker import Broker, Mutation
 from ..context.errors import BadRequestData, NgsiLdError
 from ..context.model import EntityParser, check_name, check_uri
+from ..context.typeexpr import parse_type_selection
 from .common import Ctx, context_for, options_of, read_body, respond
 from .entities import run_query
 
@@ -33,7 +35,8 @@ def _parse_all(ctx: Ctx, body: list, *, allow_null: bool = False,
     for item in body:
         try:
             if allow_null:
-                fragment = parser.entity(item, require_type=False)
+                head = {k: v for k, v in item.items() if k in ("id", "type", "scope")} if isinstance(item, dict) else item
+                fragment = parser.entity(head, require_type=False)
                 fragment["attrs"] = parser.attributes(item, allow_null=True)
             else:
                 fragment = parser.entity(item, require_type=require_type)
@@ -167,13 +170,34 @@ async def batch_query(request: Request) -> Response:
         return await run_query(request, ctx, ids=None, id_pattern=None, type_text=None, attrs=attrs, q_text=q, geo=geo)
     if len(selectors) == 1:
         s = selectors[0]
-        return await run_query(request, ctx, ids=[s["id"]] if "id" in s else None, id_pattern=s.get("idPattern"),
+        ids = [s["id"]] if "id" in s else None
+        return await run_query(request, ctx, ids=ids, id_pattern=None if ids else s.get("idPattern"),
                                type_text=_type_text(s), attrs=attrs, q_text=q, geo=geo)
+    tests = [_selector_test(s, ctx) for s in selectors]
     type_texts = [_type_text(s) for s in selectors]
-    if any("id" in s or "idPattern" in s for s in selectors) or any(t is None for t in type_texts):
-        raise BadRequestData("several entity selectors may only differ by type")
-    return await run_query(request, ctx, ids=None, id_pattern=None, type_text="|".join(f"({t})" for t in type_texts),
-                           attrs=attrs, q_text=q, geo=geo)
+    type_text = "|".join(f"({t})" for t in type_texts) if all(type_texts) else None
+    return await run_query(request, ctx, ids=None, id_pattern=None, type_text=type_text, attrs=attrs, q_text=q,
+                           geo=geo, match=lambda doc: any(test(doc) for test in tests))
+
+
+def _selector_test(selector: dict, ctx: Ctx):
+    """A predicate on stored entities for one EntitySelector (5.2.33): id (idPattern ignored then), else idPattern; type."""
+    entity_id = selector.get("id")
+    if entity_id is not None:
+        check_uri(entity_id, "id")
+    pattern = None
+    if entity_id is None and selector.get("idPattern") is not None:
+        try:
+            pattern = re.compile(selector["idPattern"])
+        except (re.error, TypeError):
+            raise BadRequestData(f"invalid idPattern {selector['idPattern']!r}") from None
+    type_text = _type_text(selector)
+    types = parse_type_selection(type_text, ctx.terms.expand) if type_text is not None else None
+
+    def test(doc: dict) -> bool:
+        return ((entity_id is None or doc["id"] == entity_id) and (pattern is None or pattern.search(doc["id"]) is not None)
+                and (types is None or types.matches(doc["type"])))
+    return test
 
 
 def _type_text(selector: dict) -> str | None:

@@ -125,6 +125,9 @@ async def context_for(request: Request, resolver, *, body: Any = None, media: st
     tenant = tenant_of(request)
     accept = negotiate(request, geojson=geojson)
     if media == JSONLD:
+        if link_context(request) is not None:
+            raise BadRequestData("Content-Type application/ld+json takes the @context from the body: "
+                                 "a JSON-LD Link header must not be sent as well (clause 6.3.5)")
         items = body if isinstance(body, list) else [body]
         contexts = [item.get("@context") if isinstance(item, dict) else None for item in items]
         if any(c is None for c in contexts):

@@ -29,7 +29,7 @@ async def _catalogue(request: Request, ctx: Ctx):
             types[type_iri]["count"] += 1
         for name, instances in doc["attrs"].items():
             entry = attrs[name]
-            entry["count"] += 1
+            entry["count"] += len(instances)  # attributeCount is the number of attribute instances (5.2.28)
             for inst in instances:
                 entry["kinds"].add(inst["type"])
                 for type_iri in doc["type"]:

@@ -92,8 +92,9 @@ async def query_entities(request: Request) -> Response:
                            geo=(*geo_params, params.get("geoproperty")))
 
 
-async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, attrs, q_text, geo) -> Response:
-    """Validate the selection, run it, and render the page with NGSILD-Results-Count when count=true."""
+async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, attrs, q_text, geo,
+                    match=None) -> Response:
+    """Validate the selection, run it (match: extra entity predicate), render the page (+ count when count=true)."""
     settings = request.app.state.settings
     limit = int_param(request, "limit", settings.default_limit)
     offset = int_param(request, "offset", 0)
@@ -109,7 +110,7 @@ async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, a
     geo_query = parse_geoq(georel, geometry, coordinates, geoproperty, ctx.terms.expand)
     renderer = renderer_for(request, ctx, attrs=attrs)
     result = await _broker(request).query(ctx.tenant, ids=ids, id_pattern=id_pattern, types=types, attrs=attrs,
-                                          q=q, geo=geo_query, limit=limit, offset=offset)
+                                          q=q, geo=geo_query, scope=match, limit=limit, offset=offset)
     headers = {"NGSILD-Results-Count": str(result.total)} if count else {}
     rendered = [renderer.entity(doc) for doc in result.entities]
     if ctx.accept == GEOJSON:
@@ -184,7 +185,7 @@ async def update_attributes(entity_id: str, request: Request) -> Response:
     check_uri(entity_id, "entity id")
     body, media = await read_body(request)
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
-    fragment = _fragment_for(ctx, entity_id, body, require_type=False)
+    fragment = _fragment_for(ctx, entity_id, body, require_type=False, allow_null=True)
     op = Broker.append_op(fragment, no_overwrite=False, must_exist=True, only_existing=True)
     report = await _broker(request).mutate_one(ctx.tenant, entity_id, op)
     return _report_response(ctx, report)
@@ -209,7 +210,7 @@ async def _attribute_write(entity_id: str, attr: str, request: Request, *, repla
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k != "@context"}
-    instances = EntityParser(ctx.terms).attribute(attr, body)
+    instances = EntityParser(ctx.terms).attribute(attr, body, allow_null=not replace)
     op = Broker.attr_patch_op(entity_id, ctx.terms.expand(attr), instances, replace=replace)
     await _broker(request).mutate_one(ctx.tenant, entity_id, op)
     return Response(status_code=204)

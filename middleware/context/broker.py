@@ -157,7 +157,7 @@ class Broker:
 
     @staticmethod
     def append_op(fragment: dict, *, no_overwrite: bool, must_exist: bool, only_existing: bool = False) -> Mutation:
-        """Append attributes (overwriting existing ones unless no_overwrite); only_existing gives update semantics."""
+        """Append attributes (overwriting unless no_overwrite); only_existing gives update semantics (null deletes)."""
         def fn(doc, now):
             if doc is None:
                 if must_exist:
@@ -182,7 +182,14 @@ class Broker:
                     if missing:
                         report.not_updated.append((name, f"no instance with datasetId {missing[0].get('datasetId')}"))
                         continue
-                doc["attrs"][name] = put_instances(existing or [], instances, now)
+                    deleted = {inst.get("datasetId") for inst in instances if _is_null(inst)}
+                    existing = [old for old in existing if old.get("datasetId") not in deleted]
+                    instances = [strip_nulls(inst) for inst in instances if not _is_null(inst)]
+                merged = put_instances(existing or [], instances, now)
+                if merged:
+                    doc["attrs"][name] = merged
+                else:
+                    doc["attrs"].pop(name, None)
                 report.updated.append(name)
             if "type" in fragment:
                 for type_iri in fragment["type"]:
@@ -240,7 +247,7 @@ class Broker:
 
     @staticmethod
     def attr_patch_op(entity_id: str, name: str, instances: list[dict], *, replace: bool) -> Mutation:
-        """Partially update (merge) or replace one attribute's instances, selected by datasetId; 404 if absent."""
+        """Partially update (merge, urn:ngsi-ld:null deletes) or replace one attribute's instances by datasetId; 404 if absent."""
         def fn(doc, now):
             if doc is None:
                 raise ResourceNotFound(f"entity {entity_id} not found")
@@ -252,9 +259,15 @@ class Broker:
                 match = next((old for old in existing if old.get("datasetId") == dataset), None)
                 if match is None:
                     raise ResourceNotFound(f"attribute {name} has no instance with datasetId {dataset}")
+                if not replace and _is_null(inst):
+                    existing = [old for old in existing if old is not match]
+                    continue
                 new = stamp(inst, now, match["createdAt"]) if replace else merge_instance(match, inst, now)
                 existing = [new if old is match else old for old in existing]
-            doc["attrs"][name] = existing
+            if existing:
+                doc["attrs"][name] = existing
+            else:
+                del doc["attrs"][name]
             doc["modifiedAt"] = now
             return doc, None
         return fn

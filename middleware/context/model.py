@@ -147,7 +147,9 @@ class EntityParser:
         """Validate one attribute instance (normalized or concise) into its stored form."""
         if raw is None:
             raise BadRequestData(f"attribute {name!r} must not be null")
-        if allow_null and raw == NULL_URI:
+        if raw == NULL_URI:
+            if not allow_null:
+                raise BadRequestData(f"attribute {name!r}: urn:ngsi-ld:null is only allowed in merge and partial updates")
             return {"type": "Property", "value": NULL_URI}
         if not isinstance(raw, dict):
             return {"type": "Property", "value": raw}
@@ -170,7 +172,9 @@ class EntityParser:
         value = raw[member]
         if value is None:
             raise BadRequestData(f"attribute {name!r}: {member!r} must not be null")
-        if allow_null and value == NULL_URI:
+        if value == NULL_URI:
+            if not allow_null:
+                raise BadRequestData(f"attribute {name!r}: urn:ngsi-ld:null is only allowed in merge and partial updates")
             out[member] = NULL_URI
         else:
             out[member] = self._value(name, kind, value)
@@ -302,7 +306,7 @@ class Renderer:
         if "scope" in entity and (pick is None or "scope" in pick) and "scope" not in self.omit:
             scope = entity["scope"]
             out["scope"] = scope[0] if len(scope) == 1 else scope
-        if self.sys_attrs and self.fmt == "normalized":
+        if self.sys_attrs and self.fmt in ("normalized", "concise"):
             out["createdAt"] = entity["createdAt"]
             out["modifiedAt"] = entity["modifiedAt"]
         wanted = self.attrs

@@ -141,7 +141,7 @@ class PostgresStore:
         if candidates.bbox is not None:
             params.append(_box(candidates.bbox))
             params.append(candidates.geo_attr)
-            clauses.append(f"e.seq IN (SELECT g.seq FROM geo_index g WHERE g.bbox && ${len(params) - 1}::box "
+            clauses.append(f"e.seq IN (SELECT g.seq FROM geo_index g WHERE g.bbox && ${len(params) - 1}::text::box "
                            f"AND g.attr = ${len(params)} AND g.tenant = $1)")
         rows = await self.pool.fetch(f"SELECT doc FROM entities e WHERE {' AND '.join(clauses)} ORDER BY e.seq", *params)
         return [row["doc"] for row in rows]
