@@ -11,13 +11,14 @@ from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
-from .api import batch, discovery, entities
+from .api import batch, discovery, entities, subscriptions
 from .api.common import problem_response
 from .context.broker import Broker
 from .context.errors import BadRequestData, InternalError, InvalidRequest, NgsiLdError, PayloadTooLarge, ResourceNotFound
 from .context.jsonld import ContextResolver
 from .config import Settings
 from .store import open_store
+from .subscriptions.service import SubscriptionService
 
 log = logging.getLogger("citybridge")
 
@@ -82,10 +83,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.broker = Broker(store)
         app.state.contexts = ContextResolver(timeout=settings.context_timeout, cache_ttl=settings.context_cache_ttl)
+        app.state.subscriptions = SubscriptionService(
+            store, app.state.broker, app.state.contexts, timeout=settings.notify_timeout,
+            max_attempts=settings.notify_max_attempts, backoff_max=settings.notify_backoff_max)
+        await app.state.subscriptions.start()
         log.info("citybridge %s ready: store %s", __version__, settings.store.split("@")[-1])
         try:
             yield
         finally:
+            await app.state.subscriptions.close()
             await app.state.contexts.close()
             await store.close()
 
@@ -94,6 +100,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(entities.router)
     app.include_router(batch.router)
     app.include_router(discovery.router)
+    app.include_router(subscriptions.router)
 
     @app.get("/health")
     async def health() -> Response:

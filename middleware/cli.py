@@ -29,6 +29,9 @@ def main() -> None:
 @click.option("--default-limit", type=int, default=None, help=_help("default_limit"))
 @click.option("--max-limit", type=int, default=None, help=_help("max_limit"))
 @click.option("--context-timeout", type=float, default=None, help=_help("context_timeout"))
+@click.option("--notify-timeout", type=float, default=None, help=_help("notify_timeout"))
+@click.option("--notify-max-attempts", type=int, default=None, help=_help("notify_max_attempts"))
+@click.option("--notify-backoff-max", type=float, default=None, help=_help("notify_backoff_max"))
 @click.option("--log-level", default=None, help=_help("log_level"))
 @click.option("--workers", type=int, default=None, help=_help("workers"))
 def serve(config_file: str | None, **options) -> None:

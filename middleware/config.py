@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     max_limit: int = Field(1000, description="largest limit= accepted; larger gets 403 TooManyResults")
     context_timeout: float = Field(5.0, description="seconds to wait for a remote @context")
     context_cache_ttl: float = Field(3600.0, description="seconds a fetched remote @context is kept")
+    notify_timeout: float = Field(10.0, description="seconds to wait for a notification endpoint (unless its own timeout is set)")
+    notify_max_attempts: int = Field(20, description="delivery attempts of a notification before it is recorded as failed")
+    notify_backoff_max: float = Field(60.0, description="longest wait, in seconds, between two delivery attempts")
     log_level: str = Field("info", description="debug, info, warning or error")
     workers: int = Field(1, description="uvicorn worker processes (use a postgresql store with more than one)")
 

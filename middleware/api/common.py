@@ -10,9 +10,7 @@ from fastapi import Request
 from fastapi.responses import Response
 
 from ..context.errors import BadRequestData, InvalidRequest, NgsiLdError
-from ..context.jsonld import CORE_CONTEXT_URL, TermMap
-
-JSONLD_CONTEXT_REL = "http://www.w3.org/ns/json-ld#context"
+from ..context.jsonld import CORE_CONTEXT_URL, JSONLD_CONTEXT_REL, TermMap, link_header
 TENANT_HEADER = "NGSILD-Tenant"
 _LINK = re.compile(r'<([^>]*)>\s*((?:;\s*[^;,]+)*)')
 _TENANT = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
@@ -145,11 +143,6 @@ async def context_for(request: Request, resolver, *, body: Any = None, media: st
     url = link_context(request)
     terms = await resolver.resolve(url)
     return Ctx(tenant, terms, url or CORE_CONTEXT_URL, url or CORE_CONTEXT_URL, accept)
-
-
-def link_header(url: str) -> str:
-    """The JSON-LD Link header pointing at url."""
-    return f'<{url}>; rel="{JSONLD_CONTEXT_REL}"; type="application/ld+json"'
 
 
 def respond(ctx: Ctx, payload: Any, *, status: int = 200, headers: dict | None = None) -> Response:

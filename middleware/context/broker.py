@@ -27,6 +27,7 @@ _BACKOFF_START, _BACKOFF_MAX = 0.001, 0.05  # seconds, doubled per conflict, wit
 
 Listener = Callable[[str, list[tuple[dict | None, dict | None]]], Awaitable[None]]
 Mutation = Callable[[dict | None, str], tuple[dict | None, Any]]
+Planner = Callable[[str, list[tuple[dict | None, dict | None]], str], list]
 
 
 @dataclass
@@ -46,11 +47,17 @@ class QueryResult:
 
 
 class Broker:
-    """Entity operations, queries and discovery for every tenant of one store."""
+    """Entity operations, queries and discovery for every tenant of one store.
+
+    listeners hear about committed changes; the planner runs inside the write transaction and returns the
+    outbox rows (notifications) that must be committed together with the change.
+    """
 
     def __init__(self, store: Store):
         self.store = store
         self.listeners: list[Listener] = []
+        self.planner: Planner | None = None  # decides, inside the write transaction, the outbox rows of a change
+        self.on_outbox: Callable[[str, list], None] | None = None  # told after commit which rows were queued
 
     # ---------------------------------------------------------------- tenants
 
@@ -108,9 +115,18 @@ class Broker:
                 events.append((original, current))
             if not changes:
                 return results
-            conflicts = set(await self.store.write(tenant, changes))
+            plan = None
+            planned: list = []
+            if self.planner is not None:
+                def plan(conflicted: set, events=events, planned=planned) -> list:
+                    kept = [e for e in events if (e[0] or e[1])["id"] not in conflicted]
+                    planned.extend(self.planner(tenant, kept, now) if kept else ())
+                    return planned
+            conflicts = set(await self.store.write(tenant, changes, plan))
             if conflicts:
                 events = [e for e in events if (e[0] or e[1])["id"] not in conflicts]
+            if planned and self.on_outbox is not None:
+                self.on_outbox(tenant, planned)
             await self._notify(tenant, events)
             if not conflicts:
                 return results

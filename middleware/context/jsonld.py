@@ -23,6 +23,7 @@ CORE_CONTEXT_URL = "https://uri.etsi.org/ngsi-ld/v1/ngsi-ld-core-context-v1.8.js
 CORE_CONTEXT_URL_RE = re.compile(r"^https?://uri\.etsi\.org/ngsi-ld/v1/ngsi-ld-core-context(?:-v1\.[3-9])?\.jsonld$")
 NGSI_LD = "https://uri.etsi.org/ngsi-ld/"
 DEFAULT_VOCAB = "https://uri.etsi.org/ngsi-ld/default-context/"
+JSONLD_CONTEXT_REL = "http://www.w3.org/ns/json-ld#context"
 _MAX_DEPTH = 8
 
 
@@ -32,6 +33,11 @@ def _load_core_document() -> dict:
 
 
 CORE_CONTEXT: dict = _load_core_document()
+
+
+def link_header(url: str) -> str:
+    """The JSON-LD Link header (RFC 8288) pointing at an @context URL."""
+    return f'<{url}>; rel="{JSONLD_CONTEXT_REL}"; type="application/ld+json"'
 
 
 def is_core_context_url(url: str) -> bool:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 from ..context.geo import geometry_bbox
 
@@ -41,6 +41,44 @@ class Candidates:
     bbox: BBox | None = None
 
 
+@dataclass(slots=True)
+class OutboxRow:
+    """A notification decided by the broker, stored with the entity change that caused it."""
+
+    subscription_id: str
+    payload: bytes
+
+
+Plan = Callable[[set], list[OutboxRow]]  # given the ids whose write conflicted, the outbox rows to add
+
+
+@dataclass(slots=True)
+class SubscriptionRecord:
+    """A stored subscription and its notification status."""
+
+    tenant: str
+    id: str
+    doc: dict
+    times_sent: int = 0
+    times_failed: int = 0
+    last_notification: str | None = None
+    last_success: str | None = None
+    last_failure: str | None = None
+    status: str | None = None
+
+
+@dataclass(slots=True)
+class StatusUpdate:
+    """Counters to add and timestamps to set on a subscription's notification status."""
+
+    sent: int = 0
+    failed: int = 0
+    last_notification: str | None = None
+    last_success: str | None = None
+    last_failure: str | None = None
+    status: str | None = None
+
+
 def geo_entries(doc: dict) -> list[tuple[str, BBox]]:
     """The (attribute, bbox) pairs of every GeoProperty instance of a stored entity, for the spatial index."""
     entries: list[tuple[str, BBox]] = []
@@ -66,11 +104,48 @@ class Store(Protocol):
     async def get(self, tenant: str, ids: list[str]) -> dict[str, Stored]:
         """The stored entities with these ids (missing ids are absent from the result)."""
 
-    async def write(self, tenant: str, changes: list[Change]) -> list[str]:
-        """Apply changes in one transaction (creating the tenant); return the ids whose version check failed."""
+    async def write(self, tenant: str, changes: list[Change], plan: Plan | None = None) -> list[str]:
+        """Apply changes and the outbox rows plan() makes, in one transaction; return the ids whose version check failed."""
 
     async def query(self, tenant: str, candidates: Candidates) -> list[dict]:
         """Entities passing the prefilter, in creation order."""
 
     async def all_docs(self, tenant: str) -> list[dict]:
         """Every entity of the tenant (for type and attribute discovery)."""
+
+    async def put_subscription(self, tenant: str, sub_id: str, doc: dict, *, create: bool) -> bool:
+        """Create (False if the id exists) or replace (False if it does not) a subscription."""
+
+    async def get_subscription(self, tenant: str, sub_id: str) -> SubscriptionRecord | None:
+        """One subscription with its notification status."""
+
+    async def list_subscriptions(self, tenant: str, limit: int, offset: int) -> tuple[list[SubscriptionRecord], int]:
+        """A page of a tenant's subscriptions in creation order, and their total."""
+
+    async def all_subscriptions(self) -> list[SubscriptionRecord]:
+        """Every subscription of every tenant."""
+
+    async def subscriptions_fingerprint(self) -> tuple:
+        """Changes whenever any subscription is created, replaced or deleted."""
+
+    async def delete_subscription(self, tenant: str, sub_id: str) -> bool:
+        """Delete a subscription and its pending notifications."""
+
+    async def add_outbox(self, tenant: str, rows: list[OutboxRow]) -> None:
+        """Queue notifications that no entity change carries (periodic ones)."""
+
+    async def outbox_next(self, tenant: str, sub_id: str, limit: int) -> list[tuple[int, bytes, int]]:
+        """The oldest pending notifications of a subscription: (seq, payload, attempts)."""
+
+    async def outbox_pending(self) -> list[tuple[str, str]]:
+        """(tenant, subscription id) of every subscription with pending notifications."""
+
+    async def outbox_settle(self, tenant: str, sub_id: str, done: list[int], retry: tuple[int, int] | None,
+                            status: StatusUpdate) -> None:
+        """Remove delivered or abandoned rows, count an attempt on a retried row, update the status."""
+
+    async def acquire_lease(self, tenant: str, sub_id: str, owner: str, ttl: float) -> bool:
+        """Take or renew the delivery lease of a subscription."""
+
+    async def release_lease(self, tenant: str, sub_id: str, owner: str) -> None:
+        """Give a delivery lease back."""

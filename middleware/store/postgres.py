@@ -6,10 +6,12 @@ middleware processes can share one database without losing each other's writes.
 """
 from __future__ import annotations
 
+import time
+
 import asyncpg
 import orjson
 
-from .base import Candidates, Change, Stored
+from .base import Candidates, Change, OutboxRow, Plan, Stored, StatusUpdate, SubscriptionRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
@@ -21,6 +23,15 @@ CREATE TABLE IF NOT EXISTS geo_index(seq BIGINT NOT NULL REFERENCES entities(seq
     tenant TEXT NOT NULL, attr TEXT NOT NULL, bbox BOX NOT NULL);
 CREATE INDEX IF NOT EXISTS geo_index_bbox ON geo_index USING GIST(bbox);
 CREATE INDEX IF NOT EXISTS geo_index_seq ON geo_index(seq);
+CREATE SEQUENCE IF NOT EXISTS subscription_changes;
+CREATE TABLE IF NOT EXISTS subscriptions(created BIGSERIAL, tenant TEXT NOT NULL, id TEXT NOT NULL, doc JSONB NOT NULL,
+    changed BIGINT NOT NULL, times_sent BIGINT NOT NULL DEFAULT 0, times_failed BIGINT NOT NULL DEFAULT 0,
+    last_notification TEXT, last_success TEXT, last_failure TEXT, delivery_status TEXT, PRIMARY KEY(tenant, id));
+CREATE TABLE IF NOT EXISTS outbox(seq BIGSERIAL PRIMARY KEY, tenant TEXT NOT NULL, subscription_id TEXT NOT NULL,
+    payload BYTEA NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq);
+CREATE TABLE IF NOT EXISTS delivery_leases(tenant TEXT NOT NULL, subscription_id TEXT NOT NULL, owner TEXT NOT NULL,
+    until DOUBLE PRECISION NOT NULL, PRIMARY KEY(tenant, subscription_id));
 """
 
 
@@ -62,8 +73,8 @@ class PostgresStore:
                                      tenant, ids)
         return {row["id"]: Stored(row["doc"], row["version"]) for row in rows}
 
-    async def write(self, tenant: str, changes: list[Change]) -> list[str]:
-        """Apply the changes in one transaction; return ids whose version check failed."""
+    async def write(self, tenant: str, changes: list[Change], plan: Plan | None = None) -> list[str]:
+        """Apply the changes in one transaction with the outbox rows plan() makes; return ids whose version check failed."""
         inserts = [c for c in changes if c.kind == "insert"]
         updates = [c for c in changes if c.kind == "update"]
         deletes = [c for c in changes if c.kind == "delete"]
@@ -126,7 +137,17 @@ class PostgresStore:
                         "INSERT INTO geo_index(seq, tenant, attr, bbox) "
                         "SELECT u.seq, $1, u.attr, u.bbox::box FROM unnest($2::bigint[], $3::text[], $4::text[]) AS u(seq, attr, bbox)",
                         tenant, [r[0] for r in geo_rows], [r[1] for r in geo_rows], [r[2] for r in geo_rows])
+                if plan is not None:
+                    rows = plan(set(conflicts))
+                    if rows:
+                        await self._insert_outbox(conn, tenant, rows)
         return conflicts
+
+    @staticmethod
+    async def _insert_outbox(conn, tenant: str, rows: list[OutboxRow]) -> None:
+        await conn.execute("INSERT INTO outbox(tenant, subscription_id, payload) "
+                           "SELECT $1, u.s, u.p FROM unnest($2::text[], $3::bytea[]) AS u(s, p)",
+                           tenant, [r.subscription_id for r in rows], [r.payload for r in rows])
 
     async def query(self, tenant: str, candidates: Candidates) -> list[dict]:
         """Entities passing the prefilter (ids, any-of types, bbox), in creation order."""
@@ -149,6 +170,108 @@ class PostgresStore:
     async def all_docs(self, tenant: str) -> list[dict]:
         """Every entity of the tenant (for type and attribute discovery)."""
         return await self.query(tenant, Candidates())
+
+
+    # ---------------------------------------------------------------- subscriptions and their outbox
+
+    async def put_subscription(self, tenant: str, sub_id: str, doc: dict, *, create: bool) -> bool:
+        """Create (False if the id exists) or replace (False if it does not) a subscription."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                await conn.execute("INSERT INTO tenants(name) VALUES ($1) ON CONFLICT DO NOTHING", tenant)
+                if create:
+                    status = await conn.execute(
+                        "INSERT INTO subscriptions(tenant, id, doc, changed) VALUES ($1,$2,$3,nextval('subscription_changes')) "
+                        "ON CONFLICT DO NOTHING", tenant, sub_id, doc)
+                else:
+                    status = await conn.execute(
+                        "UPDATE subscriptions SET doc=$3, changed=nextval('subscription_changes') WHERE tenant=$1 AND id=$2",
+                        tenant, sub_id, doc)
+        return status.endswith(" 1")
+
+    async def get_subscription(self, tenant: str, sub_id: str) -> SubscriptionRecord | None:
+        """One subscription with its notification status."""
+        row = await self.pool.fetchrow(_SUB_SELECT + " WHERE tenant=$1 AND id=$2", tenant, sub_id)
+        return _subscription(row) if row else None
+
+    async def list_subscriptions(self, tenant: str, limit: int, offset: int) -> tuple[list[SubscriptionRecord], int]:
+        """A page of a tenant's subscriptions in creation order, and their total."""
+        total = await self.pool.fetchval("SELECT count(*) FROM subscriptions WHERE tenant=$1", tenant)
+        rows = await self.pool.fetch(_SUB_SELECT + " WHERE tenant=$1 ORDER BY created LIMIT $2 OFFSET $3",
+                                     tenant, limit, offset)
+        return [_subscription(r) for r in rows], total
+
+    async def all_subscriptions(self) -> list[SubscriptionRecord]:
+        """Every subscription of every tenant."""
+        return [_subscription(r) for r in await self.pool.fetch(_SUB_SELECT + " ORDER BY created")]
+
+    async def subscriptions_fingerprint(self) -> tuple:
+        """Changes whenever any subscription is created, replaced or deleted."""
+        row = await self.pool.fetchrow("SELECT count(*), max(changed) FROM subscriptions")
+        return tuple(row)
+
+    async def delete_subscription(self, tenant: str, sub_id: str) -> bool:
+        """Delete a subscription and its pending notifications."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                status = await conn.execute("DELETE FROM subscriptions WHERE tenant=$1 AND id=$2", tenant, sub_id)
+                await conn.execute("DELETE FROM outbox WHERE tenant=$1 AND subscription_id=$2", tenant, sub_id)
+        return status.endswith(" 1")
+
+    async def add_outbox(self, tenant: str, rows: list[OutboxRow]) -> None:
+        """Queue notifications that no entity change carries (periodic ones)."""
+        async with self.pool.acquire() as conn:
+            await self._insert_outbox(conn, tenant, rows)
+
+    async def outbox_next(self, tenant: str, sub_id: str, limit: int) -> list[tuple[int, bytes, int]]:
+        """The oldest pending notifications of a subscription: (seq, payload, attempts)."""
+        rows = await self.pool.fetch("SELECT seq, payload, attempts FROM outbox WHERE tenant=$1 AND subscription_id=$2 "
+                                     "ORDER BY seq LIMIT $3", tenant, sub_id, limit)
+        return [(r["seq"], r["payload"], r["attempts"]) for r in rows]
+
+    async def outbox_pending(self) -> list[tuple[str, str]]:
+        """(tenant, subscription id) of every subscription with pending notifications."""
+        rows = await self.pool.fetch("SELECT DISTINCT tenant, subscription_id FROM outbox")
+        return [(r["tenant"], r["subscription_id"]) for r in rows]
+
+    async def outbox_settle(self, tenant: str, sub_id: str, done: list[int], retry: tuple[int, int] | None,
+                            status: StatusUpdate) -> None:
+        """Remove delivered or abandoned rows, count an attempt on a retried row, update the status."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                if done:
+                    await conn.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])", done)
+                if retry is not None:
+                    await conn.execute("UPDATE outbox SET attempts=$2 WHERE seq=$1", retry[0], retry[1])
+                await conn.execute(
+                    "UPDATE subscriptions SET times_sent=times_sent+$3, times_failed=times_failed+$4, "
+                    "last_notification=coalesce($5, last_notification), last_success=coalesce($6, last_success), "
+                    "last_failure=coalesce($7, last_failure), delivery_status=coalesce($8, delivery_status) "
+                    "WHERE tenant=$1 AND id=$2", tenant, sub_id, status.sent, status.failed, status.last_notification,
+                    status.last_success, status.last_failure, status.status)
+
+    async def acquire_lease(self, tenant: str, sub_id: str, owner: str, ttl: float) -> bool:
+        """Take or renew the delivery lease of a subscription; False while another owner holds it."""
+        now = time.time()
+        status = await self.pool.execute(
+            "INSERT INTO delivery_leases(tenant, subscription_id, owner, until) VALUES ($1,$2,$3,$4) "
+            "ON CONFLICT(tenant, subscription_id) DO UPDATE SET owner=excluded.owner, until=excluded.until "
+            "WHERE delivery_leases.owner=excluded.owner OR delivery_leases.until<$5",
+            tenant, sub_id, owner, now + ttl, now)
+        return status.endswith(" 1")
+
+    async def release_lease(self, tenant: str, sub_id: str, owner: str) -> None:
+        """Give a delivery lease back."""
+        await self.pool.execute("DELETE FROM delivery_leases WHERE tenant=$1 AND subscription_id=$2 AND owner=$3",
+                                tenant, sub_id, owner)
+
+
+_SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
+               "delivery_status FROM subscriptions")
+
+
+def _subscription(row) -> SubscriptionRecord:
+    return SubscriptionRecord(row[0], row[1], row[2], row[3], row[4], row[5], row[6], row[7], row[8])
 
 
 def _box(bbox: tuple[float, float, float, float]) -> str:

@@ -4,11 +4,12 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
-from .base import Candidates, Change, Stored
+from .base import Candidates, Change, OutboxRow, Plan, Stored, SubscriptionRecord, StatusUpdate
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
@@ -20,6 +21,14 @@ CREATE TABLE IF NOT EXISTS entity_types(tenant TEXT NOT NULL, type TEXT NOT NULL
 CREATE TABLE IF NOT EXISTS geo_rows(gid INTEGER PRIMARY KEY, seq INTEGER NOT NULL, tenant TEXT NOT NULL, attr TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS geo_rows_seq ON geo_rows(seq);
 CREATE VIRTUAL TABLE IF NOT EXISTS geo_rtree USING rtree(gid, min_x, max_x, min_y, max_y);
+CREATE TABLE IF NOT EXISTS subscriptions(tenant TEXT NOT NULL, id TEXT NOT NULL, doc TEXT NOT NULL,
+    changed INTEGER NOT NULL, times_sent INTEGER NOT NULL DEFAULT 0, times_failed INTEGER NOT NULL DEFAULT 0,
+    last_notification TEXT, last_success TEXT, last_failure TEXT, delivery_status TEXT, PRIMARY KEY(tenant, id));
+CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY, tenant TEXT NOT NULL, subscription_id TEXT NOT NULL,
+    payload TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq);
+CREATE TABLE IF NOT EXISTS delivery_leases(tenant TEXT NOT NULL, subscription_id TEXT NOT NULL, owner TEXT NOT NULL,
+    until REAL NOT NULL, PRIMARY KEY(tenant, subscription_id));
 """
 
 _CHUNK = 500  # SQLite's default limit on host parameters is 32766; keep IN lists well below
@@ -95,11 +104,11 @@ class SqliteStore:
             return run(self._lconn)  # a primary-key lookup costs less than the hop to the reader thread
         return await self._read(run, self._rconn)
 
-    async def write(self, tenant: str, changes: list[Change]) -> list[str]:
-        """Apply the changes in one transaction; return ids whose version check failed."""
-        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write, tenant, changes)
+    async def write(self, tenant: str, changes: list[Change], plan: Plan | None = None) -> list[str]:
+        """Apply the changes in one transaction with the outbox rows plan() makes; return ids whose version check failed."""
+        return await asyncio.get_running_loop().run_in_executor(self._writer, self._write, tenant, changes, plan)
 
-    def _write(self, tenant: str, changes: list[Change]) -> list[str]:
+    def _write(self, tenant: str, changes: list[Change], plan: Plan | None = None) -> list[str]:
         conn = self._wconn
         conflicts: list[str] = []
         conn.execute("BEGIN IMMEDIATE")
@@ -148,6 +157,11 @@ class SqliteStore:
                                      [(tenant, t, seq) for t in change.old_types])
                     if change.old_geo:
                         self._delete_geo(conn, seq)
+            if plan is not None:
+                rows = plan(set(conflicts))
+                if rows:
+                    conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",
+                                     [(tenant, row.subscription_id, row.payload) for row in rows])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -195,3 +209,132 @@ class SqliteStore:
     async def all_docs(self, tenant: str) -> list[dict]:
         """Every entity of the tenant (for type and attribute discovery)."""
         return await self.query(tenant, Candidates())
+
+    # ---------------------------------------------------------------- subscriptions and their outbox
+
+    async def _write_op(self, fn, *args):
+        def run():
+            conn = self._wconn
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = fn(conn, *args)
+                conn.execute("COMMIT")
+                return result
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        return await asyncio.get_running_loop().run_in_executor(self._writer, run)
+
+    async def put_subscription(self, tenant: str, sub_id: str, doc: dict, *, create: bool) -> bool:
+        """Create (False if the id exists) or replace (False if it does not) a subscription."""
+        def run(conn):
+            conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", (tenant,))
+            if create:
+                cur = conn.execute("INSERT INTO subscriptions(tenant, id, doc, changed) VALUES (?,?,?,?) "
+                                   "ON CONFLICT DO NOTHING", (tenant, sub_id, orjson.dumps(doc), time.time_ns()))
+            else:
+                cur = conn.execute("UPDATE subscriptions SET doc=?, changed=? WHERE tenant=? AND id=?",
+                                   (orjson.dumps(doc), time.time_ns(), tenant, sub_id))
+            return cur.rowcount == 1
+        return await self._write_op(run)
+
+    async def get_subscription(self, tenant: str, sub_id: str) -> SubscriptionRecord | None:
+        """One subscription with its notification status."""
+        def run():
+            row = self._rconn.execute(_SUB_SELECT + " WHERE tenant=? AND id=?", (tenant, sub_id)).fetchone()
+            return _subscription(row) if row else None
+        return await self._read(run)
+
+    async def list_subscriptions(self, tenant: str, limit: int, offset: int) -> tuple[list[SubscriptionRecord], int]:
+        """A page of a tenant's subscriptions in creation order, and their total."""
+        def run():
+            total = self._rconn.execute("SELECT count(*) FROM subscriptions WHERE tenant=?", (tenant,)).fetchone()[0]
+            rows = self._rconn.execute(_SUB_SELECT + " WHERE tenant=? ORDER BY rowid LIMIT ? OFFSET ?",
+                                       (tenant, limit, offset)).fetchall()
+            return [_subscription(r) for r in rows], total
+        return await self._read(run)
+
+    async def all_subscriptions(self) -> list[SubscriptionRecord]:
+        """Every subscription of every tenant (to build the matching index)."""
+        def run():
+            return [_subscription(r) for r in self._rconn.execute(_SUB_SELECT + " ORDER BY rowid")]
+        return await self._read(run)
+
+    async def subscriptions_fingerprint(self) -> tuple:
+        """Changes whenever any subscription is created, replaced or deleted."""
+        def run():
+            return tuple(self._rconn.execute("SELECT count(*), max(changed) FROM subscriptions").fetchone())
+        return await self._read(run)
+
+    async def delete_subscription(self, tenant: str, sub_id: str) -> bool:
+        """Delete a subscription and its pending notifications; False if it does not exist."""
+        def run(conn):
+            cur = conn.execute("DELETE FROM subscriptions WHERE tenant=? AND id=?", (tenant, sub_id))
+            conn.execute("DELETE FROM outbox WHERE tenant=? AND subscription_id=?", (tenant, sub_id))
+            return cur.rowcount == 1
+        return await self._write_op(run)
+
+    async def add_outbox(self, tenant: str, rows: list[OutboxRow]) -> None:
+        """Queue notifications that no entity change carries (periodic ones)."""
+        def run(conn):
+            conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",
+                             [(tenant, r.subscription_id, r.payload) for r in rows])
+        await self._write_op(run)
+
+    async def outbox_next(self, tenant: str, sub_id: str, limit: int) -> list[tuple[int, bytes, int]]:
+        """The oldest pending notifications of a subscription: (seq, payload, attempts)."""
+        def run():
+            return self._rconn.execute("SELECT seq, payload, attempts FROM outbox WHERE tenant=? AND subscription_id=? "
+                                       "ORDER BY seq LIMIT ?", (tenant, sub_id, limit)).fetchall()
+        return await self._read(run)
+
+    async def outbox_pending(self) -> list[tuple[str, str]]:
+        """(tenant, subscription id) of every subscription with pending notifications."""
+        def run():
+            return self._rconn.execute("SELECT DISTINCT tenant, subscription_id FROM outbox").fetchall()
+        return await self._read(run)
+
+    async def outbox_settle(self, tenant: str, sub_id: str, done: list[int], retry: tuple[int, int] | None,
+                            status: StatusUpdate) -> None:
+        """Remove delivered (or abandoned) rows, count an attempt on a retried row, and update the status."""
+        def run(conn):
+            if done:
+                conn.executemany("DELETE FROM outbox WHERE seq=?", [(seq,) for seq in done])
+            if retry is not None:
+                conn.execute("UPDATE outbox SET attempts=? WHERE seq=?", (retry[1], retry[0]))
+            conn.execute(
+                "UPDATE subscriptions SET times_sent=times_sent+?, times_failed=times_failed+?, "
+                "last_notification=coalesce(?, last_notification), last_success=coalesce(?, last_success), "
+                "last_failure=coalesce(?, last_failure), delivery_status=coalesce(?, delivery_status) "
+                "WHERE tenant=? AND id=?",
+                (status.sent, status.failed, status.last_notification, status.last_success, status.last_failure,
+                 status.status, tenant, sub_id))
+        await self._write_op(run)
+
+    async def acquire_lease(self, tenant: str, sub_id: str, owner: str, ttl: float) -> bool:
+        """Take or renew the delivery lease of a subscription; False while another owner holds it."""
+        def run(conn):
+            now = time.time()
+            cur = conn.execute(
+                "INSERT INTO delivery_leases(tenant, subscription_id, owner, until) VALUES (?,?,?,?) "
+                "ON CONFLICT(tenant, subscription_id) DO UPDATE SET owner=excluded.owner, until=excluded.until "
+                "WHERE delivery_leases.owner=excluded.owner OR delivery_leases.until<?",
+                (tenant, sub_id, owner, now + ttl, now))
+            return cur.rowcount == 1
+        return await self._write_op(run)
+
+    async def release_lease(self, tenant: str, sub_id: str, owner: str) -> None:
+        """Give a delivery lease back."""
+        def run(conn):
+            conn.execute("DELETE FROM delivery_leases WHERE tenant=? AND subscription_id=? AND owner=?",
+                         (tenant, sub_id, owner))
+        await self._write_op(run)
+
+
+_SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
+               "delivery_status FROM subscriptions")
+
+
+def _subscription(row) -> SubscriptionRecord:
+    doc = row[2]
+    return SubscriptionRecord(row[0], row[1], orjson.loads(doc), row[3], row[4], row[5], row[6], row[7], row[8])

@@ -1,0 +1,314 @@
+"""Which subscriptions an entity change triggers (clause 5.8.6), and the notifications it makes.
+
+Subscriptions are compiled once (q, geoQ, selectors parsed; names expanded) and indexed by entity id, by
+entity type and, for subscriptions without entities, by watched attribute, so an update only looks at the
+subscriptions that can match it. The planner runs inside the store's write transaction (possibly on the
+store's thread): it reads the index but never iterates it while it can change, and index updates replace
+per-key tuples rather than mutating them.
+"""
+from __future__ import annotations
+
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from ..context.geo import GeoQuery, parse_geoq
+from ..context.jsonld import CORE_CONTEXT_URL, TermMap
+from ..context.model import NULL_URI, VALUE_MEMBER, Renderer
+from ..context.query import Query, parse_q
+from ..store.base import OutboxRow
+from .model import parse_time
+
+Event = tuple[dict | None, dict | None]
+PREVIOUS_MEMBER = {"value": "previousValue", "object": "previousObject", "languageMap": "previousLanguageMap",
+                   "valueList": "previousValueList", "objectList": "previousObjectList", "json": "previousJson",
+                   "vocab": "previousVocab"}
+_TIMES = ("createdAt", "modifiedAt")
+
+
+@dataclass(eq=False)
+class Compiled:
+    """A subscription ready for matching and rendering."""
+
+    tenant: str
+    id: str
+    doc: dict
+    terms: TermMap                 # expands the subscription's own names (its creation @context)
+    out_terms: TermMap             # compacts its notifications (jsonldContext, else the creation @context)
+    context_url: str               # for the Link header / metadata of application/json notifications
+    context_value: Any             # for the @context of application/ld+json notifications
+    selectors: list[tuple[str | None, re.Pattern | None, str]] = field(default_factory=list)
+    watched: frozenset[str] | None = None
+    triggers: frozenset[str] = frozenset()
+    q: Query | None = None
+    geo: GeoQuery | None = None
+    expires: float | None = None
+    last_notified: float = 0.0
+
+    @property
+    def periodic(self) -> bool:
+        """True for a timeInterval subscription."""
+        return "timeInterval" in self.doc
+
+    def active(self) -> bool:
+        """Notifications are made only while the subscription is active (5.8.6)."""
+        if not self.doc.get("isActive", True):
+            return False
+        return self.expires is None or time.time() < self.expires
+
+    def selects(self, doc: dict) -> bool:
+        """True if the entity matches one of the entity selectors (or there are none)."""
+        if not self.selectors:
+            return True
+        for entity_id, pattern, type_iri in self.selectors:
+            if type_iri not in doc["type"]:
+                continue
+            if entity_id is not None:
+                if entity_id == doc["id"]:
+                    return True
+            elif pattern is None or pattern.search(doc["id"]):
+                return True
+        return False
+
+    def filters(self, doc: dict) -> bool:
+        """True if q and geoQ hold on the entity."""
+        if self.q is not None and not self.q.matches(doc):
+            return False
+        if self.geo is not None:
+            instances = doc["attrs"].get(self.geo.geoproperty) or ()
+            if not any(i["type"] == "GeoProperty" and self.geo.matches(i["value"]) for i in instances):
+                return False
+        return True
+
+
+def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: TermMap) -> Compiled:
+    """Parse a stored subscription's selectors, q and geoQ once."""
+    jsonld_context = doc.get("jsonldContext")
+    creation = doc.get("@context")
+    if jsonld_context:
+        url, value = jsonld_context, jsonld_context
+    elif isinstance(creation, str):
+        url, value = creation, creation
+    else:
+        url, value = CORE_CONTEXT_URL, creation if creation is not None else CORE_CONTEXT_URL
+    compiled = Compiled(tenant, doc["id"], doc, terms, out_terms, url, value)
+    compiled.selectors = [(s.get("id"), re.compile(s["idPattern"]) if "idPattern" in s and "id" not in s else None,
+                           s["type"]) for s in doc.get("entities", ())]
+    if "watchedAttributes" in doc:
+        compiled.watched = frozenset(doc["watchedAttributes"])
+    triggers = set(doc.get("notificationTrigger", ()))
+    if "entityUpdated" in triggers:
+        triggers |= {"attributeCreated", "attributeUpdated", "attributeDeleted"}
+    compiled.triggers = frozenset(triggers)
+    if "q" in doc:
+        compiled.q = parse_q(doc["q"], terms.expand)
+    if "geoQ" in doc:
+        geo = doc["geoQ"]
+        compiled.geo = parse_geoq(geo["georel"], geo["geometry"], geo["coordinates"], geo.get("geoproperty"), terms.expand)
+    if "expiresAt" in doc:
+        compiled.expires = parse_time(doc["expiresAt"]).timestamp()
+    return compiled
+
+
+class SubscriptionIndex:
+    """Compiled subscriptions by (tenant, entity id), (tenant, entity type) and (tenant, watched attribute)."""
+
+    def __init__(self) -> None:
+        self.by_key: dict[tuple[str, str, str], tuple[Compiled, ...]] = {}
+        self.all: dict[tuple[str, str], Compiled] = {}
+
+    def keys_of(self, sub: Compiled) -> list[tuple[str, str, str]]:
+        """The index keys under which a subscription is found."""
+        if sub.selectors:
+            keys = []
+            for entity_id, pattern, type_iri in sub.selectors:
+                keys.append((sub.tenant, "id", entity_id) if entity_id is not None else (sub.tenant, "type", type_iri))
+            return list(dict.fromkeys(keys))
+        return [(sub.tenant, "attr", name) for name in sub.watched or ()]
+
+    def add(self, sub: Compiled) -> None:
+        """Index a subscription (replacing one with the same id)."""
+        self.remove(sub.tenant, sub.id)
+        self.all[(sub.tenant, sub.id)] = sub
+        for key in self.keys_of(sub):
+            self.by_key[key] = self.by_key.get(key, ()) + (sub,)
+
+    def remove(self, tenant: str, sub_id: str) -> Compiled | None:
+        """Drop a subscription from the index."""
+        old = self.all.pop((tenant, sub_id), None)
+        if old is not None:
+            for key in self.keys_of(old):
+                remaining = tuple(s for s in self.by_key.get(key, ()) if s is not old)
+                if remaining:
+                    self.by_key[key] = remaining
+                else:
+                    self.by_key.pop(key, None)
+        return old
+
+    def get(self, tenant: str, sub_id: str) -> Compiled | None:
+        """A compiled subscription by id."""
+        return self.all.get((tenant, sub_id))
+
+    def candidates(self, tenant: str, doc: dict, attrs: set[str]) -> list[Compiled]:
+        """The subscriptions that may match a change of this entity touching these attributes."""
+        by_key = self.by_key
+        found: dict[int, Compiled] = {}
+        for sub in by_key.get((tenant, "id", doc["id"]), ()):
+            found[id(sub)] = sub
+        for type_iri in doc["type"]:
+            for sub in by_key.get((tenant, "type", type_iri), ()):
+                found[id(sub)] = sub
+        for name in attrs:
+            for sub in by_key.get((tenant, "attr", name), ()):
+                found[id(sub)] = sub
+        return list(found.values())
+
+
+def _without_times(inst: dict) -> dict:
+    return {k: (_without_times(v) if isinstance(v, dict) and ":" in k else v) for k, v in inst.items() if k not in _TIMES}
+
+
+def attribute_changes(old: dict | None, new: dict | None) -> tuple[set[str], set[str], set[str]]:
+    """(created, updated, deleted) attribute names; updated means some member has a different value (5.8.6)."""
+    old_attrs = old["attrs"] if old else {}
+    new_attrs = new["attrs"] if new else {}
+    created = set(new_attrs) - set(old_attrs)
+    deleted = set(old_attrs) - set(new_attrs)
+    updated = {name for name in set(new_attrs) & set(old_attrs)
+               if [_without_times(i) for i in new_attrs[name]] != [_without_times(i) for i in old_attrs[name]]}
+    return created, updated, deleted
+
+
+def trigger_of(sub: Compiled, old: dict | None, new: dict | None,
+               changes: tuple[set[str], set[str], set[str]]) -> str | None:
+    """The notificationTrigger this change fires for the subscription, or None."""
+    triggers = sub.triggers
+    created, updated, deleted = changes
+    if sub.watched is not None:
+        created, updated, deleted = created & sub.watched, updated & sub.watched, deleted & sub.watched
+    if old is None:
+        if "entityCreated" in triggers:
+            return "entityCreated"
+        return "attributeCreated" if created and "attributeCreated" in triggers else None
+    if new is None:
+        return "entityDeleted" if "entityDeleted" in triggers else None
+    if created and "attributeCreated" in triggers:
+        return "attributeCreated"
+    if updated and "attributeUpdated" in triggers:
+        return "attributeUpdated"
+    if deleted and "attributeDeleted" in triggers:
+        return "attributeDeleted"
+    return None
+
+
+def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[str], now: str) -> dict:
+    """One entity of a notification in the subscription's format, with deletions and showChanges (5.8.6)."""
+    params = sub.doc["notification"]
+    fmt = params["format"]
+    attrs = set(params["attributes"]) if "attributes" in params else None
+    renderer = Renderer(sub.out_terms, fmt=fmt, sys_attrs=params["sysAttrs"], lang=sub.doc.get("lang"), attrs=attrs)
+    compact = sub.out_terms.compact
+    if new is None:
+        types = [compact(t) for t in old["type"]]
+        out: dict[str, Any] = {"id": old["id"], "type": types[0] if len(types) == 1 else types, "deletedAt": now}
+        if params["sysAttrs"]:
+            out["createdAt"], out["modifiedAt"] = old["createdAt"], old["modifiedAt"]
+        return out
+    out = renderer.entity(new)
+    if old is not None:
+        for name in deleted:
+            if attrs is not None and name not in attrs:
+                continue
+            out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, params["showChanges"], now)
+        if params["showChanges"]:
+            for name, instances in new["attrs"].items():
+                previous = {i.get("datasetId"): i for i in old["attrs"].get(name, ())}
+                key = compact(name)
+                if key not in out or not any(i.get("datasetId") in previous for i in instances):
+                    continue
+                rendered = out[key] if isinstance(out[key], list) else [out[key]]
+                for inst, shown in zip(instances, rendered):
+                    before = previous.get(inst.get("datasetId"))
+                    if before is not None and isinstance(shown, dict):
+                        member = VALUE_MEMBER[before["type"]]
+                        shown[PREVIOUS_MEMBER[member]] = before[member]
+    return out
+
+
+def _deleted_attribute(instances: list[dict], fmt: str, show_changes: bool, now: str) -> Any:
+    shown = []
+    for inst in instances:
+        member = VALUE_MEMBER[inst["type"]]
+        null = {"@none": NULL_URI} if member == "languageMap" else NULL_URI
+        if fmt == "keyValues" or (fmt == "concise" and not show_changes and "datasetId" not in inst):
+            shown.append(null)
+            continue
+        item: dict[str, Any] = {"type": inst["type"]} if fmt == "normalized" else {}
+        item[member] = null
+        if "datasetId" in inst:
+            item["datasetId"] = inst["datasetId"]
+        if show_changes:
+            item[PREVIOUS_MEMBER[member]] = inst[member]
+        item["deletedAt"] = now
+        shown.append(item)
+    return shown[0] if len(shown) == 1 else shown
+
+
+def notification_payload(sub: Compiled, entities: list[dict], now: str) -> bytes:
+    """The Notification (5.3.1) for these rendered entities, in the endpoint's media type."""
+    accept = sub.doc["notification"]["endpoint"].get("accept", "application/json")
+    if accept == "application/ld+json":
+        entities = [dict(e, **{"@context": sub.context_value}) for e in entities]
+        data: Any = entities
+    elif accept == "application/geo+json":
+        data = {"type": "FeatureCollection", "features": [_feature(sub, e) for e in entities]}
+    else:
+        data = entities
+    return orjson.dumps({"id": f"urn:ngsi-ld:Notification:{uuid.uuid4()}", "type": "Notification",
+                         "subscriptionId": sub.id, "notifiedAt": now, "data": data})
+
+
+def _feature(sub: Compiled, entity: dict) -> dict:
+    location = entity.get(sub.out_terms.compact("https://uri.etsi.org/ngsi-ld/location"))
+    geometry = location.get("value") if isinstance(location, dict) and "value" in location else location
+    if not (isinstance(geometry, dict) and "coordinates" in geometry):
+        geometry = None
+    return {"id": entity["id"], "type": "Feature", "geometry": geometry,
+            "properties": {k: v for k, v in entity.items() if k != "id"}}
+
+
+class Planner:
+    """Decides the notifications of a batch of committed-to-be changes: one per subscription, all its entities."""
+
+    def __init__(self, index: SubscriptionIndex):
+        self.index = index
+
+    def __call__(self, tenant: str, events: list[Event], now: str) -> list[OutboxRow]:
+        """Outbox rows for these events (called inside the store transaction)."""
+        per_sub: dict[int, tuple[Compiled, list[dict]]] = {}
+        clock = time.monotonic()
+        for old, new in events:
+            doc = new if new is not None else old
+            changes = attribute_changes(old, new)
+            touched = changes[0] | changes[1] | changes[2]
+            for sub in self.index.candidates(tenant, doc, touched):
+                if sub.periodic or not sub.active() or not sub.selects(doc):
+                    continue
+                if trigger_of(sub, old, new, changes) is None or not sub.filters(doc):
+                    continue
+                throttling = sub.doc.get("throttling")
+                entry = per_sub.get(id(sub))
+                if entry is None:
+                    if throttling and clock - sub.last_notified < throttling:
+                        continue  # throttled: this notification is not sent (5.8.6)
+                    entry = per_sub[id(sub)] = (sub, [])
+                entry[1].append(render_for(sub, old, new, changes[2], now))
+        rows = []
+        for sub, entities in per_sub.values():
+            sub.last_notified = clock
+            rows.append(OutboxRow(sub.id, notification_payload(sub, entities, now)))
+        return rows

@@ -1,0 +1,184 @@
+"""Subscriptions as a running service: CRUD over the store, the matching index, delivery and periodic notifications."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from ..context.broker import Broker
+from ..context.errors import AlreadyExists, LdContextNotAvailable, ResourceNotFound
+from ..context.jsonld import ContextResolver
+from ..context.model import now_iso
+from ..context.typeexpr import TypeSelection
+from ..store.base import OutboxRow, Store, SubscriptionRecord
+from .delivery import Dispatcher
+from .matcher import Compiled, Planner, SubscriptionIndex, compile_subscription, notification_payload, render_for
+from .model import merge_fragment, validate_subscription
+
+log = logging.getLogger("citybridge.subscriptions")
+
+
+class SubscriptionService:
+    """Owns the subscriptions of one process: keeps the index current and hands notifications to the dispatcher."""
+
+    def __init__(self, store: Store, broker: Broker, contexts: ContextResolver, *, timeout: float = 10.0,
+                 max_attempts: int = 20, backoff_max: float = 60.0, refresh_interval: float = 2.0):
+        self.store = store
+        self.broker = broker
+        self.contexts = contexts
+        self.index = SubscriptionIndex()
+        self.dispatcher = Dispatcher(store, self.index.get, timeout=timeout, max_attempts=max_attempts,
+                                     backoff_max=backoff_max)
+        self.refresh_interval = refresh_interval
+        self._fingerprint: tuple | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._next_periodic: dict[tuple[str, str], float] = {}
+
+    async def start(self) -> None:
+        """Load every subscription, attach the planner to the broker, start delivery and the background loops."""
+        await self._reload()
+        self.broker.planner = Planner(self.index)
+        self.broker.on_outbox = self._queued
+        self.dispatcher.start()
+        self._tasks = [asyncio.create_task(self._refresh_forever()), asyncio.create_task(self._periodic_forever())]
+
+    async def close(self) -> None:
+        """Stop the loops and the dispatcher; pending notifications stay in the store."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.dispatcher.close()
+
+    def _queued(self, tenant: str, rows: list[OutboxRow]) -> None:
+        for sub_id in dict.fromkeys(row.subscription_id for row in rows):
+            self.dispatcher.wake(tenant, sub_id)
+
+    # ---------------------------------------------------------------- index upkeep
+
+    async def compile(self, tenant: str, doc: dict) -> Compiled:
+        """Compile a stored subscription with its @context (and jsonldContext) resolved."""
+        terms = await self.contexts.resolve(doc.get("@context"))
+        out_terms = await self.contexts.resolve(doc["jsonldContext"]) if doc.get("jsonldContext") else terms
+        return compile_subscription(tenant, doc, terms, out_terms)
+
+    async def _reload(self) -> None:
+        fingerprint = await self.store.subscriptions_fingerprint()
+        records = await self.store.all_subscriptions()
+        fresh = SubscriptionIndex()
+        for record in records:
+            try:
+                compiled = await self.compile(record.tenant, record.doc)
+            except Exception:
+                log.exception("subscription %s cannot be compiled; it will not notify", record.id)
+                continue
+            old = self.index.get(record.tenant, record.id)
+            if old is not None:
+                compiled.last_notified = old.last_notified
+            fresh.add(compiled)
+        self.index.by_key, self.index.all = fresh.by_key, fresh.all
+        self._fingerprint = fingerprint
+
+    async def _refresh_forever(self) -> None:
+        """Pick up subscriptions created, changed or deleted by other processes sharing the store."""
+        while True:
+            await asyncio.sleep(self.refresh_interval)
+            try:
+                if await self.store.subscriptions_fingerprint() != self._fingerprint:
+                    await self._reload()
+            except Exception:
+                log.exception("subscription refresh failed")
+
+    # ---------------------------------------------------------------- CRUD
+
+    async def create(self, tenant: str, body: dict, terms, context) -> str:
+        """Validate, store and index a new subscription; return its id."""
+        doc = validate_subscription(body, terms, context, now=now_iso())
+        compiled = await self._compile_checked(tenant, doc)
+        if not await self.store.put_subscription(tenant, doc["id"], doc, create=True):
+            raise AlreadyExists(f"subscription {doc['id']} already exists")
+        self.index.add(compiled)
+        return doc["id"]
+
+    async def get(self, tenant: str, sub_id: str) -> SubscriptionRecord:
+        """One subscription with its status; ResourceNotFound if absent."""
+        record = await self.store.get_subscription(tenant, sub_id)
+        if record is None:
+            await self.broker.check_tenant(tenant)
+            raise ResourceNotFound(f"subscription {sub_id} not found")
+        return record
+
+    async def update(self, tenant: str, sub_id: str, fragment: dict, terms) -> None:
+        """Merge a fragment into a subscription (5.8.2) and re-index it."""
+        record = await self.get(tenant, sub_id)
+        merged = merge_fragment(record.doc, fragment)
+        if "expiresAt" not in fragment:
+            merged.pop("expiresAt", None)
+            doc = validate_subscription(merged, terms, record.doc.get("@context"), now=now_iso(), sub_id=sub_id)
+            if "expiresAt" in record.doc:
+                doc["expiresAt"] = record.doc["expiresAt"]
+        else:
+            doc = validate_subscription(merged, terms, record.doc.get("@context"), now=now_iso(), sub_id=sub_id)
+        doc["createdAt"] = record.doc["createdAt"]
+        compiled = await self._compile_checked(tenant, doc)
+        if not await self.store.put_subscription(tenant, sub_id, doc, create=False):
+            raise ResourceNotFound(f"subscription {sub_id} not found")
+        old = self.index.get(tenant, sub_id)
+        if old is not None:
+            compiled.last_notified = old.last_notified
+        self.index.add(compiled)
+        self._next_periodic.pop((tenant, sub_id), None)
+
+    async def delete(self, tenant: str, sub_id: str) -> None:
+        """Delete a subscription and its pending notifications."""
+        if not await self.store.delete_subscription(tenant, sub_id):
+            await self.broker.check_tenant(tenant)
+            raise ResourceNotFound(f"subscription {sub_id} not found")
+        self.index.remove(tenant, sub_id)
+
+    async def _compile_checked(self, tenant: str, doc: dict) -> Compiled:
+        try:
+            return await self.compile(tenant, doc)
+        except LdContextNotAvailable:
+            raise
+        except Exception as exc:
+            raise LdContextNotAvailable(f"the subscription's @context cannot be used: {exc}") from exc
+
+    # ---------------------------------------------------------------- periodic notifications (timeInterval)
+
+    async def _periodic_forever(self) -> None:
+        while True:
+            await asyncio.sleep(0.2)
+            now = time.monotonic()
+            for key, sub in list(self.index.all.items()):
+                if not sub.periodic or not sub.active():
+                    continue
+                due = self._next_periodic.get(key)
+                if due is None:
+                    due = now  # first notification right away, then every timeInterval
+                if now < due:
+                    continue
+                interval = float(sub.doc["timeInterval"])
+                self._next_periodic[key] = now + interval
+                try:
+                    await self._periodic(sub, interval)
+                except Exception:
+                    log.exception("periodic notification of %s failed", sub.id)
+
+    async def _periodic(self, sub: Compiled, interval: float) -> None:
+        lease = f"{sub.id}#periodic"
+        if not await self.store.acquire_lease(sub.tenant, lease, self.dispatcher.owner, interval * 0.9):
+            return
+        matched: dict[str, dict] = {}
+        for entity_id, pattern, type_iri in sub.selectors:
+            result = await self.broker.query(sub.tenant, ids=[entity_id] if entity_id else None,
+                                             id_pattern=pattern.pattern if pattern else None,
+                                             types=TypeSelection(lambda types, t=type_iri: t in types, [type_iri]),
+                                             q=sub.q, geo=sub.geo, limit=10_000)
+            for doc in result.entities:
+                matched.setdefault(doc["id"], doc)
+        if not matched:
+            return  # no matching entities: no notification (5.8.6)
+        now = now_iso()
+        entities = [render_for(sub, None, doc, set(), now) for doc in matched.values()]
+        await self.store.add_outbox(sub.tenant, [OutboxRow(sub.id, notification_payload(sub, entities, now))])
+        self.dispatcher.wake(sub.tenant, sub.id)
