@@ -44,8 +44,6 @@ def serve(config_file: str | None, **options) -> None:
     settings = load_settings(config_file, **options)
     log_config = setup_logging(settings.log_level)
     if settings.workers > 1:
-        if settings.store.startswith("sqlite"):
-            raise click.UsageError("several workers need a shared store: set --store postgresql://...")
         import os
         os.environ.update({f"CITYBRIDGE_{k.upper()}": str(v) for k, v in settings.model_dump().items()})
         uvicorn.run("middleware.app:create_app", factory=True, host=settings.host, port=settings.port,

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
     notify_max_attempts: int = Field(20, description="delivery attempts of a notification before it is recorded as failed")
     notify_backoff_max: float = Field(60.0, description="longest wait, in seconds, between two delivery attempts")
     log_level: str = Field("info", description="debug, info, warning or error")
-    workers: int = Field(1, description="uvicorn worker processes (use a postgresql store with more than one)")
+    workers: int = Field(1, description="uvicorn worker processes; they share the store (SQLite in WAL mode or PostgreSQL)")
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:

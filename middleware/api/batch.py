@@ -10,7 +10,7 @@ from fastapi.responses import Response
 
 from ..context.broker import Broker, Mutation
 from ..context.errors import BadRequestData, NgsiLdError
-from ..context.model import EntityParser, check_name, check_uri
+from ..context.model import EntityParser, check_name, check_uri, now_iso
 from ..context.typeexpr import parse_type_selection
 from .common import Ctx, context_for, options_of, read_body, respond
 from .entities import run_query
@@ -26,10 +26,10 @@ async def _batch_body(request: Request) -> tuple[list, Ctx]:
     return body, ctx
 
 
-def _parse_all(ctx: Ctx, body: list, *, allow_null: bool = False,
-               require_type: bool = True) -> tuple[list[dict], list[dict]]:
-    """Validate each entity; return (fragments, error entries) so one bad entity fails alone."""
-    parser = EntityParser(ctx.terms)
+def _parse_all(ctx: Ctx, body: list, *, allow_null: bool = False, require_type: bool = True,
+               now: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Validate each entity (stamped with now, if given); return (fragments, error entries) so one bad entity fails alone."""
+    parser = EntityParser(ctx.terms, now)
     fragments: list[dict] = []
     errors: list[dict] = []
     for item in body:
@@ -47,8 +47,9 @@ def _parse_all(ctx: Ctx, body: list, *, allow_null: bool = False,
     return fragments, errors
 
 
-async def _run(request: Request, ctx: Ctx, ops: list[tuple[str, Mutation]]) -> tuple[list[str], list[dict], list]:
-    results = await request.app.state.broker.mutate(ctx.tenant, ops)
+async def _run(request: Request, ctx: Ctx, ops: list[tuple[str, Mutation]],
+               now: str | None = None) -> tuple[list[str], list[dict], list]:
+    results = await request.app.state.broker.mutate(ctx.tenant, ops, now)
     success: list[str] = []
     errors: list[dict] = []
     for (entity_id, _), result in zip(ops, results):
@@ -67,8 +68,9 @@ def _multi_status(ctx: Ctx, success: list[str], errors: list[dict]) -> Response:
 async def batch_create(request: Request) -> Response:
     """Batch create (5.6.7): 201 with the created ids, or 207."""
     body, ctx = await _batch_body(request)
-    fragments, errors = _parse_all(ctx, body)
-    success, run_errors, _ = await _run(request, ctx, [(f["id"], Broker.create_op(f)) for f in fragments])
+    now = now_iso()
+    fragments, errors = _parse_all(ctx, body, now=now)
+    success, run_errors, _ = await _run(request, ctx, [(f["id"], Broker.create_op(f)) for f in fragments], now)
     errors += run_errors
     if errors:
         return _multi_status(ctx, success, errors)
@@ -82,12 +84,13 @@ async def batch_upsert(request: Request) -> Response:
     options = options_of(request)
     if {"replace", "update"} <= options:
         raise BadRequestData("options replace and update exclude each other")
-    fragments, errors = _parse_all(ctx, body)
+    now = now_iso()
+    fragments, errors = _parse_all(ctx, body, now=now)
     if "update" in options:
         ops = [(f["id"], Broker.append_op(f, no_overwrite=False, must_exist=False)) for f in fragments]
     else:
         ops = [(f["id"], Broker.replace_op(f, must_exist=False)) for f in fragments]
-    success, run_errors, results = await _run(request, ctx, ops)
+    success, run_errors, results = await _run(request, ctx, ops, now)
     errors += run_errors
     if errors:
         return _multi_status(ctx, success, errors)

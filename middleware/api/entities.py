@@ -110,7 +110,7 @@ async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, a
     geo_query = parse_geoq(georel, geometry, coordinates, geoproperty, ctx.terms.expand)
     renderer = renderer_for(request, ctx, attrs=attrs)
     result = await _broker(request).query(ctx.tenant, ids=ids, id_pattern=id_pattern, types=types, attrs=attrs,
-                                          q=q, geo=geo_query, scope=match, limit=limit, offset=offset)
+                                          q=q, geo=geo_query, scope=match, limit=limit, offset=offset, count=count)
     headers = {"NGSILD-Results-Count": str(result.total)} if count else {}
     rendered = [renderer.entity(doc) for doc in result.entities]
     if ctx.accept == GEOJSON:

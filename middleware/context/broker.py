@@ -68,11 +68,13 @@ class Broker:
 
     # ---------------------------------------------------------------- the write engine
 
-    async def mutate(self, tenant: str, ops: list[tuple[str, Mutation]]) -> list[Any]:
+    async def mutate(self, tenant: str, ops: list[tuple[str, Mutation]], now: str | None = None) -> list[Any]:
         """Apply mutations (entity id, fn(stored doc or None, now) -> (new doc or None, result)) atomically per try.
 
         fn may raise NgsiLdError, which becomes that operation's result. Several ops on one id apply in order.
+        `now` is the request's time (the one its fragments were stamped with), else the time of each try.
         """
+        request_now = now
         results: list[Any] = [None] * len(ops)
         pending = list(range(len(ops)))
         backoff = _BACKOFF_START
@@ -82,7 +84,7 @@ class Broker:
                 backoff = min(backoff * 2, _BACKOFF_MAX)
             ids = list(dict.fromkeys(ops[i][0] for i in pending))
             stored = await self.store.get(tenant, ids)
-            now = now_iso()
+            now = request_now or now_iso()
             state: dict[str, tuple[dict | None, int | None, dict | None]] = {}
             for entity_id in ids:
                 found = stored.get(entity_id)
@@ -91,7 +93,8 @@ class Broker:
                 entity_id, fn = ops[index]
                 original, version, current = state[entity_id]
                 try:
-                    working = orjson.loads(orjson.dumps(current)) if current is not None and current is original else current
+                    copy_first = current is not None and current is original and not getattr(fn, "builds_new", False)
+                    working = orjson.loads(orjson.dumps(current)) if copy_first else current
                     new_doc, result = fn(working, now)
                 except NgsiLdError as error:
                     results[index] = error
@@ -108,10 +111,10 @@ class Broker:
                     changes.append(Change("insert", entity_id, current, None, current["type"], [], geo_entries(current)))
                 elif current is None:
                     changes.append(Change("delete", entity_id, None, version, [], original["type"], [],
-                                          bool(geo_entries(original))))
+                                          geo_entries(original)))
                 else:
                     changes.append(Change("update", entity_id, current, version, current["type"], original["type"],
-                                          geo_entries(current), bool(geo_entries(original))))
+                                          geo_entries(current), geo_entries(original)))
                 events.append((original, current))
             if not changes:
                 return results
@@ -154,6 +157,7 @@ class Broker:
             if doc is not None:
                 raise AlreadyExists(f"entity {fragment['id']} already exists")
             return new_entity(fragment, now), fragment["id"]
+        fn.builds_new = True  # reads the stored doc but never changes it: no copy needed
         return fn
 
     @staticmethod
@@ -167,8 +171,9 @@ class Broker:
             fresh = new_entity(fragment, now)
             fresh["createdAt"] = doc["createdAt"]
             if "type" not in fragment:
-                fresh["type"] = doc["type"]
+                fresh["type"] = list(doc["type"])
             return fresh, "updated"
+        fn.builds_new = True
         return fn
 
     @staticmethod
@@ -259,6 +264,7 @@ class Broker:
             if doc is None:
                 raise ResourceNotFound(f"entity {entity_id} not found")
             return None, entity_id
+        fn.builds_new = True
         return fn
 
     @staticmethod
@@ -325,39 +331,46 @@ class Broker:
     async def query(self, tenant: str, *, ids: list[str] | None = None, id_pattern: str | None = None,
                     types: TypeSelection | None = None, attrs: set[str] | None = None, q: Query | None = None,
                     geo: GeoQuery | None = None, scope: Callable[[dict], bool] | None = None,
-                    limit: int = 20, offset: int = 0) -> QueryResult:
-        """Entities matching every given filter, nearest first for `near`, else in creation order."""
+                    limit: int = 20, offset: int = 0, count: bool = True) -> QueryResult:
+        """Entities matching every given filter, nearest first for `near`, else in creation order.
+
+        Without count (and without `near`, which must see every match to sort them) the scan stops once the
+        page is full; total is then -1.
+        """
         await self.check_tenant(tenant)
         candidates = Candidates(ids=ids, types=types.names if types else None)
         if geo is not None:
             candidates.geo_attr = geo.geoproperty
             candidates.bbox = geo.index_bbox()
-        docs = await self.store.query(tenant, candidates)
         pattern = _compile_pattern(id_pattern) if id_pattern else None
-        matched: list[dict] = []
+        near = geo is not None and geo.georel == "near"
         distances: dict[str, float] = {}
-        for doc in docs:
+
+        def keep(doc: dict) -> bool:
             if pattern is not None and not pattern.search(doc["id"]):
-                continue
+                return False
             if types is not None and not types.matches(doc["type"]):
-                continue
+                return False
             if attrs is not None and not any(a in doc["attrs"] for a in attrs):
-                continue
+                return False
             if q is not None and not q.matches(doc):
-                continue
+                return False
             if scope is not None and not scope(doc):
-                continue
+                return False
             if geo is not None:
                 instances = doc["attrs"].get(geo.geoproperty)
                 hits = [inst for inst in instances or () if inst["type"] == "GeoProperty" and geo.matches(inst["value"])]
                 if not hits:
-                    continue
-                if geo.georel == "near":
+                    return False
+                if near:
                     distances[doc["id"]] = min(geo.distance(inst["value"]) for inst in hits)
-            matched.append(doc)
-        if geo is not None and geo.georel == "near":
+            return True
+
+        full = count or near
+        matched = await self.store.query(tenant, candidates, keep, None if full else offset + limit)
+        if near:
             matched.sort(key=lambda d: distances[d["id"]])
-        return QueryResult(matched[offset:offset + limit], len(matched))
+        return QueryResult(matched[offset:offset + limit], len(matched) if full else -1)
 
     async def all_entities(self, tenant: str) -> list[dict]:
         """Every entity of a tenant (discovery)."""
@@ -369,9 +382,12 @@ class Broker:
 
 
 def new_entity(fragment: dict, now: str) -> dict:
-    """A stored entity built from a validated fragment, every instance stamped with now."""
-    doc = {"id": fragment["id"], "type": list(fragment["type"]), "createdAt": now, "modifiedAt": now,
-           "attrs": {name: [stamp(inst, now) for inst in instances] for name, instances in fragment["attrs"].items()}}
+    """A stored entity built from a validated fragment, every instance stamped with now (unless the parser did)."""
+    if fragment.get("stampedAt") == now:
+        attrs = fragment["attrs"]
+    else:
+        attrs = {name: [stamp(inst, now) for inst in instances] for name, instances in fragment["attrs"].items()}
+    doc = {"id": fragment["id"], "type": list(fragment["type"]), "createdAt": now, "modifiedAt": now, "attrs": attrs}
     if "scope" in fragment:
         doc["scope"] = fragment["scope"]
     return doc

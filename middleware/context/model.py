@@ -54,28 +54,47 @@ def is_uri(value: Any) -> bool:
     return isinstance(value, str) and _URI.match(value) is not None
 
 
-def check_uri(value: Any, what: str) -> str:
-    """Return value if it is an absolute URI, else raise BadRequestData naming what."""
+def _naming(what: str, owner: str | None) -> str:
+    return f"{what} of {owner!r}" if owner is not None else what
+
+
+def check_uri(value: Any, what: str, owner: str | None = None) -> str:
+    """Return value if it is an absolute URI, else raise BadRequestData naming what (of owner)."""
     if not is_uri(value):
-        raise BadRequestData(f"{what} must be a URI, got {value!r}")
+        raise BadRequestData(f"{_naming(what, owner)} must be a URI, got {value!r}")
     return value
 
 
-def check_datetime(value: Any, what: str) -> str:
+_VALID_TIMES: dict[str, None] = {}  # DateTimes already checked (readings of one batch share a few timestamps)
+_VALID_NAMES: set[str] = set()      # names already checked
+
+
+def check_datetime(value: Any, what: str, owner: str | None = None) -> str:
     """Return value if it is an ISO 8601 DateTime with a time zone, else raise BadRequestData."""
+    if isinstance(value, str) and value in _VALID_TIMES:
+        return value
     if not isinstance(value, str) or not _DATETIME.match(value):
-        raise BadRequestData(f"{what} must be an ISO 8601 DateTime (e.g. 2026-01-01T00:00:00Z), got {value!r}")
+        raise BadRequestData(f"{_naming(what, owner)} must be an ISO 8601 DateTime (e.g. 2026-01-01T00:00:00Z), "
+                             f"got {value!r}")
     try:
         datetime.fromisoformat(value.replace("Z", "+00:00"))
     except ValueError:
-        raise BadRequestData(f"{what} is not a valid DateTime: {value!r}") from None
+        raise BadRequestData(f"{_naming(what, owner)} is not a valid DateTime: {value!r}") from None
+    if len(_VALID_TIMES) > 10_000:
+        _VALID_TIMES.clear()
+    _VALID_TIMES[value] = None
     return value
 
 
 def check_name(name: Any, what: str = "attribute name") -> str:
     """Return name if it is a valid NGSI-LD name (clause 4.6.2), else raise BadRequestData."""
+    if name in _VALID_NAMES if isinstance(name, str) else False:
+        return name
     if not isinstance(name, str) or not name or _FORBIDDEN_NAME.search(name):
         raise BadRequestData(f"invalid {what} {name!r}: names must be non-empty and contain none of < > \" ' = ; ( ) or whitespace")
+    if len(_VALID_NAMES) > 50_000:
+        _VALID_NAMES.clear()
+    _VALID_NAMES.add(name)
     return name
 
 
@@ -96,11 +115,15 @@ def expand_types(value: Any, terms: TermMap) -> list[str]:
 class EntityParser:
     """Turns request bodies (normalized or concise NGSI-LD) into stored-form fragments, with one term map."""
 
-    def __init__(self, terms: TermMap):
+    def __init__(self, terms: TermMap, now: str | None = None):
         self.terms = terms
+        self.now = now  # when given, instances are stamped createdAt = modifiedAt = now as they are built
 
     def entity(self, body: Any, *, require_id: bool = True, require_type: bool = True) -> dict:
-        """Validate a whole entity body; return {'id', 'type', 'attrs', 'scope'?} in stored form (no timestamps)."""
+        """Validate a whole entity body; return {'id', 'type', 'attrs', 'scope'?} in stored form.
+
+        With a parser made with `now`, instances carry createdAt/modifiedAt and the fragment "stampedAt": now.
+        """
         if not isinstance(body, dict):
             raise BadRequestData("an entity must be a JSON object")
         entity: dict[str, Any] = {}
@@ -115,6 +138,8 @@ class EntityParser:
         if "scope" in body:
             entity["scope"] = self._scope(body["scope"])
         entity["attrs"] = self.attributes(body)
+        if self.now is not None:
+            entity["stampedAt"] = self.now
         return entity
 
     def attributes(self, body: dict, *, allow_null: bool = False) -> dict[str, list[dict]]:
@@ -184,9 +209,9 @@ class EntityParser:
             if key == "datasetId":
                 if sub:
                     raise BadRequestData(f"sub-attribute {name!r} must not have a datasetId")
-                out["datasetId"] = check_uri(item, f"datasetId of {name!r}")
+                out["datasetId"] = check_uri(item, "datasetId", name)
             elif key == "observedAt":
-                out["observedAt"] = check_datetime(item, f"observedAt of {name!r}")
+                out["observedAt"] = check_datetime(item, "observedAt", name)
             elif key == "unitCode":
                 if not isinstance(item, str) or not item:
                     raise BadRequestData(f"unitCode of {name!r} must be a non-empty string")
@@ -201,6 +226,8 @@ class EntityParser:
                     out[self.terms.expand(key)] = {"type": "Property", "value": NULL_URI}
                 else:
                     out[self.terms.expand(key)] = self.instance(key, item, sub=True, allow_null=allow_null)
+        if self.now is not None:
+            out["createdAt"] = out["modifiedAt"] = self.now
         return out
 
     def _value(self, name: str, kind: str, value: Any) -> Any:
@@ -211,8 +238,8 @@ class EntityParser:
             if isinstance(value, list):
                 if not value:
                     raise BadRequestData(f"relationship {name!r} has an empty object")
-                return [check_uri(v, f"object of {name!r}") for v in value]
-            return check_uri(value, f"object of {name!r}")
+                return [check_uri(v, "object", name) for v in value]
+            return check_uri(value, "object", name)
         if kind == "ListRelationship":
             if not isinstance(value, list):
                 raise BadRequestData(f"objectList of {name!r} must be an array")

@@ -20,7 +20,7 @@ class Change:
     types: list[str] = field(default_factory=list)
     old_types: list[str] = field(default_factory=list)
     geo: list[tuple[str, BBox]] = field(default_factory=list)
-    old_geo: bool = False
+    old_geo: list[tuple[str, BBox]] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -50,6 +50,7 @@ class OutboxRow:
 
 
 Plan = Callable[[set], list[OutboxRow]]  # given the ids whose write conflicted, the outbox rows to add
+Keep = Callable[[dict], bool]  # the exact filter a query applies to each prefiltered entity
 
 
 @dataclass(slots=True)
@@ -107,8 +108,9 @@ class Store(Protocol):
     async def write(self, tenant: str, changes: list[Change], plan: Plan | None = None) -> list[str]:
         """Apply changes and the outbox rows plan() makes, in one transaction; return the ids whose version check failed."""
 
-    async def query(self, tenant: str, candidates: Candidates) -> list[dict]:
-        """Entities passing the prefilter, in creation order."""
+    async def query(self, tenant: str, candidates: Candidates, keep: Keep | None = None,
+                    stop_after: int | None = None) -> list[dict]:
+        """Entities passing the prefilter and keep(), in creation order; stops after stop_after kept ones."""
 
     async def all_docs(self, tenant: str) -> list[dict]:
         """Every entity of the tenant (for type and attribute discovery)."""

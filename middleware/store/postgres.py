@@ -11,7 +11,7 @@ import time
 import asyncpg
 import orjson
 
-from .base import Candidates, Change, OutboxRow, Plan, Stored, StatusUpdate, SubscriptionRecord
+from .base import Candidates, Change, Keep, OutboxRow, Plan, Stored, StatusUpdate, SubscriptionRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
@@ -112,9 +112,10 @@ class PostgresStore:
                         if seq is None:
                             conflicts.append(change.id)
                             continue
-                        if change.old_geo:
-                            clear_geo.append(seq)
-                        geo_rows.extend((seq, attr, _box(bbox)) for attr, bbox in change.geo)
+                        if change.geo != change.old_geo:
+                            if change.old_geo:
+                                clear_geo.append(seq)
+                            geo_rows.extend((seq, attr, _box(bbox)) for attr, bbox in change.geo)
                 if deletes:
                     guarded = [c for c in deletes if c.version is not None]
                     free = [c for c in deletes if c.version is None]
@@ -149,8 +150,9 @@ class PostgresStore:
                            "SELECT $1, u.s, u.p FROM unnest($2::text[], $3::bytea[]) AS u(s, p)",
                            tenant, [r.subscription_id for r in rows], [r.payload for r in rows])
 
-    async def query(self, tenant: str, candidates: Candidates) -> list[dict]:
-        """Entities passing the prefilter (ids, any-of types, bbox), in creation order."""
+    async def query(self, tenant: str, candidates: Candidates, keep: Keep | None = None,
+                    stop_after: int | None = None) -> list[dict]:
+        """Entities passing the prefilter and keep(), in creation order; stops after stop_after kept ones."""
         clauses = ["e.tenant = $1"]
         params: list = [tenant]
         if candidates.ids is not None:
@@ -164,8 +166,19 @@ class PostgresStore:
             params.append(candidates.geo_attr)
             clauses.append(f"e.seq IN (SELECT g.seq FROM geo_index g WHERE g.bbox && ${len(params) - 1}::text::box "
                            f"AND g.attr = ${len(params)} AND g.tenant = $1)")
-        rows = await self.pool.fetch(f"SELECT doc FROM entities e WHERE {' AND '.join(clauses)} ORDER BY e.seq", *params)
-        return [row["doc"] for row in rows]
+        sql = f"SELECT doc FROM entities e WHERE {' AND '.join(clauses)} ORDER BY e.seq"
+        if keep is None and stop_after is None:
+            return [row["doc"] for row in await self.pool.fetch(sql, *params)]
+        out: list[dict] = []
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                async for row in conn.cursor(sql, *params, prefetch=500):
+                    doc = row["doc"]
+                    if keep is None or keep(doc):
+                        out.append(doc)
+                        if stop_after is not None and len(out) >= stop_after:
+                            break
+        return out
 
     async def all_docs(self, tenant: str) -> list[dict]:
         """Every entity of the tenant (for type and attribute discovery)."""

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
-from .base import Candidates, Change, OutboxRow, Plan, Stored, SubscriptionRecord, StatusUpdate
+from .base import Candidates, Change, Keep, OutboxRow, Plan, Stored, StatusUpdate, SubscriptionRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
@@ -18,9 +18,7 @@ CREATE TABLE IF NOT EXISTS entities(
     UNIQUE(tenant, id));
 CREATE TABLE IF NOT EXISTS entity_types(tenant TEXT NOT NULL, type TEXT NOT NULL, seq INTEGER NOT NULL,
     PRIMARY KEY(tenant, type, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS geo_rows(gid INTEGER PRIMARY KEY, seq INTEGER NOT NULL, tenant TEXT NOT NULL, attr TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS geo_rows_seq ON geo_rows(seq);
-CREATE VIRTUAL TABLE IF NOT EXISTS geo_rtree USING rtree(gid, min_x, max_x, min_y, max_y);
+CREATE VIRTUAL TABLE IF NOT EXISTS geo_rtree USING rtree(gid, min_x, max_x, min_y, max_y, +tenant TEXT, +attr TEXT);
 CREATE TABLE IF NOT EXISTS subscriptions(tenant TEXT NOT NULL, id TEXT NOT NULL, doc TEXT NOT NULL,
     changed INTEGER NOT NULL, times_sent INTEGER NOT NULL DEFAULT 0, times_failed INTEGER NOT NULL DEFAULT 0,
     last_notification TEXT, last_success TEXT, last_failure TEXT, delivery_status TEXT, PRIMARY KEY(tenant, id));
@@ -32,6 +30,7 @@ CREATE TABLE IF NOT EXISTS delivery_leases(tenant TEXT NOT NULL, subscription_id
 """
 
 _CHUNK = 500  # SQLite's default limit on host parameters is 32766; keep IN lists well below
+_GEO_SLOTS = 256  # R*Tree id of the k-th GeoProperty instance of entity seq: seq * 256 + k (k < 256)
 
 
 class SqliteStore:
@@ -111,6 +110,11 @@ class SqliteStore:
     def _write(self, tenant: str, changes: list[Change], plan: Plan | None = None) -> list[str]:
         conn = self._wconn
         conflicts: list[str] = []
+        type_rows: list[tuple] = []
+        stale_types: list[tuple] = []
+        geo_rows: list[tuple] = []
+        stale_geo: list[tuple] = []
+        dumps = orjson.dumps
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", (tenant,))
@@ -118,30 +122,27 @@ class SqliteStore:
                 if change.kind == "insert":
                     cur = conn.execute(
                         "INSERT INTO entities(tenant, id, version, doc) VALUES (?,?,1,?) ON CONFLICT DO NOTHING",
-                        (tenant, change.id, orjson.dumps(change.doc)))
+                        (tenant, change.id, dumps(change.doc)))
                     if cur.rowcount == 0:
                         conflicts.append(change.id)
                         continue
                     seq = cur.lastrowid
-                    conn.executemany("INSERT INTO entity_types(tenant, type, seq) VALUES (?,?,?)",
-                                     [(tenant, t, seq) for t in change.types])
-                    self._insert_geo(conn, tenant, seq, change.geo)
+                    type_rows.extend((tenant, t, seq) for t in change.types)
+                    geo_rows.extend(_geo_rows(tenant, seq, change.geo))
                 elif change.kind == "update":
                     row = conn.execute(
                         "UPDATE entities SET version=version+1, doc=? WHERE tenant=? AND id=? AND version=? RETURNING seq",
-                        (orjson.dumps(change.doc), tenant, change.id, change.version)).fetchone()
+                        (dumps(change.doc), tenant, change.id, change.version)).fetchone()
                     if row is None:
                         conflicts.append(change.id)
                         continue
                     seq = row[0]
                     if change.types != change.old_types:
-                        conn.executemany("DELETE FROM entity_types WHERE tenant=? AND type=? AND seq=?",
-                                         [(tenant, t, seq) for t in change.old_types])
-                        conn.executemany("INSERT INTO entity_types(tenant, type, seq) VALUES (?,?,?)",
-                                         [(tenant, t, seq) for t in change.types])
-                    if change.old_geo:
-                        self._delete_geo(conn, seq)
-                    self._insert_geo(conn, tenant, seq, change.geo)
+                        stale_types.extend((tenant, t, seq) for t in change.old_types)
+                        type_rows.extend((tenant, t, seq) for t in change.types)
+                    if change.geo != change.old_geo:
+                        stale_geo.extend((seq * _GEO_SLOTS + k,) for k in range(len(change.old_geo)))
+                        geo_rows.extend(_geo_rows(tenant, seq, change.geo))
                 else:
                     query = "DELETE FROM entities WHERE tenant=? AND id=?"
                     params: tuple = (tenant, change.id)
@@ -153,10 +154,17 @@ class SqliteStore:
                         conflicts.append(change.id)
                         continue
                     seq = row[0]
-                    conn.executemany("DELETE FROM entity_types WHERE tenant=? AND type=? AND seq=?",
-                                     [(tenant, t, seq) for t in change.old_types])
-                    if change.old_geo:
-                        self._delete_geo(conn, seq)
+                    stale_types.extend((tenant, t, seq) for t in change.old_types)
+                    stale_geo.extend((seq * _GEO_SLOTS + k,) for k in range(len(change.old_geo)))
+            if stale_types:
+                conn.executemany("DELETE FROM entity_types WHERE tenant=? AND type=? AND seq=?", stale_types)
+            if type_rows:
+                conn.executemany("INSERT INTO entity_types(tenant, type, seq) VALUES (?,?,?)", type_rows)
+            if stale_geo:
+                conn.executemany("DELETE FROM geo_rtree WHERE gid=?", stale_geo)
+            if geo_rows:
+                conn.executemany("INSERT INTO geo_rtree(gid, min_x, max_x, min_y, max_y, tenant, attr) "
+                                 "VALUES (?,?,?,?,?,?,?)", geo_rows)
             if plan is not None:
                 rows = plan(set(conflicts))
                 if rows:
@@ -168,42 +176,36 @@ class SqliteStore:
             raise
         return conflicts
 
-    @staticmethod
-    def _insert_geo(conn: sqlite3.Connection, tenant: str, seq: int, geo) -> None:
-        for attr, (min_x, min_y, max_x, max_y) in geo:
-            gid = conn.execute("INSERT INTO geo_rows(seq, tenant, attr) VALUES (?,?,?)", (seq, tenant, attr)).lastrowid
-            conn.execute("INSERT INTO geo_rtree(gid, min_x, max_x, min_y, max_y) VALUES (?,?,?,?,?)",
-                         (gid, min_x, max_x, min_y, max_y))
-
-    @staticmethod
-    def _delete_geo(conn: sqlite3.Connection, seq: int) -> None:
-        gids = [row[0] for row in conn.execute("SELECT gid FROM geo_rows WHERE seq=?", (seq,))]
-        if gids:
-            conn.executemany("DELETE FROM geo_rtree WHERE gid=?", [(g,) for g in gids])
-            conn.execute("DELETE FROM geo_rows WHERE seq=?", (seq,))
-
-    async def query(self, tenant: str, candidates: Candidates) -> list[dict]:
-        """Entities passing the prefilter (ids, any-of types, bbox), in creation order."""
+    async def query(self, tenant: str, candidates: Candidates, keep: Keep | None = None,
+                    stop_after: int | None = None) -> list[dict]:
+        """Entities passing the prefilter and keep(), in creation order; stops after stop_after kept ones."""
         def run() -> list[dict]:
+            params: list = []
+            if candidates.bbox is not None:
+                min_x, min_y, max_x, max_y = candidates.bbox
+                # drive from the R*Tree: a geo-query touches few rows, whatever the size of the tenant
+                source = ("(SELECT DISTINCT r.gid >> 8 AS seq FROM geo_rtree r WHERE r.min_x<=? AND r.max_x>=? "
+                          "AND r.min_y<=? AND r.max_y>=? AND r.tenant=? AND r.attr=?) g CROSS JOIN entities e ON e.seq=g.seq")
+                params.extend([max_x, min_x, max_y, min_y, tenant, candidates.geo_attr])
+            else:
+                source = "entities e"
             clauses = ["e.tenant=?"]
-            params: list = [tenant]
+            params.append(tenant)
             if candidates.ids is not None:
                 clauses.append(f"e.id IN ({','.join('?' * len(candidates.ids))})")
                 params.extend(candidates.ids)
             if candidates.types is not None:
-                clauses.append(
-                    f"e.seq IN (SELECT seq FROM entity_types WHERE tenant=? AND type IN ({','.join('?' * len(candidates.types))}))")
+                marks = ",".join("?" * len(candidates.types))
+                if candidates.bbox is not None or candidates.ids is not None:
+                    # already narrowed: check each candidate's types through the (tenant, type, seq) key
+                    clauses.append(f"EXISTS (SELECT 1 FROM entity_types t WHERE t.tenant=? AND t.type IN ({marks}) "
+                                   "AND t.seq=e.seq)")
+                else:
+                    clauses.append(f"e.seq IN (SELECT seq FROM entity_types WHERE tenant=? AND type IN ({marks}))")
                 params.append(tenant)
                 params.extend(candidates.types)
-            if candidates.bbox is not None:
-                min_x, min_y, max_x, max_y = candidates.bbox
-                clauses.append(
-                    "e.seq IN (SELECT g.seq FROM geo_rtree r JOIN geo_rows g ON g.gid=r.gid "
-                    "WHERE r.min_x<=? AND r.max_x>=? AND r.min_y<=? AND r.max_y>=? AND g.tenant=? AND g.attr=?)")
-                params.extend([max_x, min_x, max_y, min_y, tenant, candidates.geo_attr])
-            sql = f"SELECT doc FROM entities e WHERE {' AND '.join(clauses)} ORDER BY e.seq"
-            loads = orjson.loads
-            return [loads(row[0]) for row in self._rconn.execute(sql, params)]
+            sql = f"SELECT e.doc FROM {source} WHERE {' AND '.join(clauses)} ORDER BY e.seq"
+            return _collect(self._rconn.execute(sql, params), keep, stop_after)
         return await self._read(run)
 
     async def all_docs(self, tenant: str) -> list[dict]:
@@ -338,3 +340,21 @@ _SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notificat
 def _subscription(row) -> SubscriptionRecord:
     doc = row[2]
     return SubscriptionRecord(row[0], row[1], orjson.loads(doc), row[3], row[4], row[5], row[6], row[7], row[8])
+
+
+def _geo_rows(tenant: str, seq: int, geo) -> list[tuple]:
+    return [(seq * _GEO_SLOTS + k, min_x, max_x, min_y, max_y, tenant, attr)
+            for k, (attr, (min_x, min_y, max_x, max_y)) in enumerate(geo[:_GEO_SLOTS])]
+
+
+def _collect(rows, keep: Keep | None, stop_after: int | None) -> list[dict]:
+    """Decode rows, keep those keep() accepts, stop once stop_after are kept."""
+    loads = orjson.loads
+    out: list[dict] = []
+    for (raw,) in rows:
+        doc = loads(raw)
+        if keep is None or keep(doc):
+            out.append(doc)
+            if stop_after is not None and len(out) >= stop_after:
+                break
+    return out

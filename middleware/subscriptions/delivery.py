@@ -29,7 +29,7 @@ class Dispatcher:
     """Delivers the outbox; wake() after rows are committed, recover() for rows from earlier runs."""
 
     def __init__(self, store: Store, lookup: Callable[[str, str], Compiled | None], *, timeout: float = 10.0,
-                 max_attempts: int = 20, backoff_start: float = 0.5, backoff_max: float = 60.0, lease_ttl: float = 30.0):
+                 max_attempts: int = 20, backoff_start: float = 0.5, backoff_max: float = 60.0, lease_ttl: float = 10.0):
         self.store = store
         self.lookup = lookup
         self.max_attempts = max_attempts
@@ -81,18 +81,21 @@ class Dispatcher:
         try:
             if not await self.store.acquire_lease(tenant, sub_id, self.owner, self.lease_ttl):
                 return  # another process delivers this subscription
+            lost = asyncio.Event()
+            heartbeat = asyncio.create_task(self._keep_lease(tenant, sub_id, lost))
             try:
-                while True:
+                while not lost.is_set():
                     self.dirty.discard(key)
                     rows = await self.store.outbox_next(tenant, sub_id, _BATCH)
                     if not rows:
                         if key in self.dirty:
                             continue
                         return
-                    await self._deliver(tenant, sub_id, rows)
-                    await self.store.acquire_lease(tenant, sub_id, self.owner, self.lease_ttl)
+                    await self._deliver(tenant, sub_id, rows, lost)
             finally:
-                if not self._closing:
+                heartbeat.cancel()
+                await asyncio.gather(heartbeat, return_exceptions=True)
+                if not self._closing and not lost.is_set():
                     await self.store.release_lease(tenant, sub_id, self.owner)
         except asyncio.CancelledError:
             raise
@@ -103,9 +106,23 @@ class Dispatcher:
             if key in self.dirty and not self._closing:
                 self.wake(tenant, sub_id)
 
-    async def _deliver(self, tenant: str, sub_id: str, rows: list[tuple[int, bytes, int]]) -> None:
+    async def _keep_lease(self, tenant: str, sub_id: str, lost: asyncio.Event) -> None:
+        """Renew the delivery lease while the worker runs (sends and backoff sleeps may outlast it)."""
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            try:
+                if not await self.store.acquire_lease(tenant, sub_id, self.owner, self.lease_ttl):
+                    log.warning("delivery lease of %s was taken over; this worker stops", sub_id)
+                    lost.set()
+                    return
+            except Exception:  # the store may be briefly unavailable; the lease still has time left
+                log.exception("renewing the delivery lease of %s failed", sub_id)
+
+    async def _deliver(self, tenant: str, sub_id: str, rows: list[tuple[int, bytes, int]], lost: asyncio.Event) -> None:
         delivered: list[int] = []
         for seq, payload, attempts in rows:
+            if lost.is_set():
+                break
             sub = self.lookup(tenant, sub_id)
             if sub is None:  # deleted meanwhile: its notifications go with it
                 delivered.append(seq)

@@ -47,7 +47,7 @@ class Compiled:
     q: Query | None = None
     geo: GeoQuery | None = None
     expires: float | None = None
-    last_notified: float = 0.0
+    last_notified: float = float("-inf")  # time.monotonic() of the last notification, for throttling
 
     @property
     def periodic(self) -> bool:
@@ -223,7 +223,7 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
         for name in deleted:
             if attrs is not None and name not in attrs:
                 continue
-            out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, params["showChanges"], now)
+            out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, params["showChanges"], params["sysAttrs"], now)
         if params["showChanges"]:
             for name, instances in new["attrs"].items():
                 previous = {i.get("datasetId"): i for i in old["attrs"].get(name, ())}
@@ -231,21 +231,27 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
                 if key not in out or not any(i.get("datasetId") in previous for i in instances):
                     continue
                 rendered = out[key] if isinstance(out[key], list) else [out[key]]
-                for inst, shown in zip(instances, rendered):
+                for position, (inst, shown) in enumerate(zip(instances, rendered)):
                     before = previous.get(inst.get("datasetId"))
-                    if before is not None and isinstance(shown, dict):
-                        member = VALUE_MEMBER[before["type"]]
-                        shown[PREVIOUS_MEMBER[member]] = before[member]
+                    if before is None:
+                        continue
+                    if not isinstance(shown, dict):  # a concise bare value gets its object form to carry the change
+                        shown = {VALUE_MEMBER[inst["type"]]: shown}
+                        rendered[position] = shown
+                    member = VALUE_MEMBER[before["type"]]
+                    shown[PREVIOUS_MEMBER[member]] = before[member]
+                out[key] = rendered[0] if len(rendered) == 1 else rendered
     return out
 
 
-def _deleted_attribute(instances: list[dict], fmt: str, show_changes: bool, now: str) -> Any:
+def _deleted_attribute(instances: list[dict], fmt: str, show_changes: bool, sys_attrs: bool, now: str) -> Any:
+    """A deleted attribute: just urn:ngsi-ld:null, unless a datasetId, sysAttrs or showChanges need an object (5.8.6)."""
     shown = []
     for inst in instances:
         member = VALUE_MEMBER[inst["type"]]
         null = {"@none": NULL_URI} if member == "languageMap" else NULL_URI
-        if fmt == "keyValues" or (fmt == "concise" and not show_changes and "datasetId" not in inst):
-            shown.append(null)
+        if fmt == "keyValues" or not (show_changes or sys_attrs or "datasetId" in inst):
+            shown.append(null if fmt == "keyValues" else NULL_URI)
             continue
         item: dict[str, Any] = {"type": inst["type"]} if fmt == "normalized" else {}
         item[member] = null
@@ -253,7 +259,8 @@ def _deleted_attribute(instances: list[dict], fmt: str, show_changes: bool, now:
             item["datasetId"] = inst["datasetId"]
         if show_changes:
             item[PREVIOUS_MEMBER[member]] = inst[member]
-        item["deletedAt"] = now
+        if sys_attrs:
+            item["deletedAt"] = now
         shown.append(item)
     return shown[0] if len(shown) == 1 else shown
 

@@ -219,18 +219,8 @@ def merge_fragment(stored: dict, fragment: Any) -> dict:
             continue
         if value == NULL_URI or value is None:
             merged.pop(key, None)
-        elif key == "notification" and isinstance(value, dict):
-            notification = dict(merged.get("notification", {}))
-            for sub_key, sub_value in value.items():
-                if sub_key in NOTIFICATION_READ_ONLY:
-                    continue
-                if sub_value == NULL_URI or sub_value is None:
-                    notification.pop(sub_key, None)
-                else:
-                    notification[sub_key] = sub_value
-            merged["notification"] = notification
         else:
-            merged[key] = value
+            merged[key] = value  # the whole member, notification included: no deep merge (5.5.8)
     return merged
 
 
