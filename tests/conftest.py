@@ -173,7 +173,9 @@ class Mosquitto:
         self.config.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence true\n"
             f"persistence_location {workdir}/\nmax_queued_messages 0\nmax_inflight_messages 0\n"
-            f"log_dest file {workdir}/mosquitto-{self.port}.log\n")
+            f"log_dest file {workdir}/mosquitto-{self.port}.log\n"
+            # as root, mosquitto would switch to user mosquitto, which cannot write pytest's 0700 temp folders
+            + ("user root\n" if os.geteuid() == 0 else ""))
         self.process: subprocess.Popen | None = None
         self.start()
 

@@ -12,7 +12,7 @@ from ..context.broker import Broker, Mutation
 from ..context.errors import BadRequestData, NgsiLdError
 from ..context.model import EntityParser, check_name, check_uri, now_iso
 from ..context.typeexpr import parse_type_selection
-from .common import Ctx, context_for, options_of, read_body, respond
+from .common import Ctx, context_for, options_of, read_body
 from .entities import run_query
 
 router = APIRouter(prefix="/ngsi-ld/v1/entityOperations")

@@ -118,14 +118,13 @@ class Broker:
                 events.append((original, current))
             if not changes:
                 return results
-            plan = None
             planned: list = []
-            if self.planner is not None:
-                def plan(conflicted: set, events=events, planned=planned) -> list:
-                    kept = [e for e in events if (e[0] or e[1])["id"] not in conflicted]
-                    planned.extend(self.planner(tenant, kept, now) if kept else ())
-                    return planned
-            conflicts = set(await self.store.write(tenant, changes, plan))
+
+            def plan(conflicted: set, events=events, planned=planned, now=now) -> list:
+                kept = [e for e in events if (e[0] or e[1])["id"] not in conflicted]
+                planned.extend(self.planner(tenant, kept, now) if kept else ())
+                return planned
+            conflicts = set(await self.store.write(tenant, changes, plan if self.planner is not None else None))
             if conflicts:
                 events = [e for e in events if (e[0] or e[1])["id"] not in conflicts]
             if planned and self.on_outbox is not None:

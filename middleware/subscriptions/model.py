@@ -52,10 +52,12 @@ def _key_values(value: Any, what: str) -> list[dict]:
     if not isinstance(value, list):
         raise BadRequestData(f"{what} must be an array of {{key, value}} objects")
     for pair in value:
-        if not isinstance(pair, dict) or not isinstance(pair.get("key"), str) or not isinstance(pair.get("value"), str) \
-                or not pair["key"]:
+        scalar = isinstance(pair, dict) and isinstance(pair.get("value"), (str, int, float)) \
+            and not isinstance(pair.get("value"), bool)
+        if not scalar or not isinstance(pair.get("key"), str) or not pair["key"]:
             raise BadRequestData(f"each {what} item must be an object with string key and value, got {pair!r}")
-    return [{"key": p["key"], "value": p["value"]} for p in value]
+    # KeyValuePair values are strings (5.2.22); numbers (as ETSI's MQTT-QoS tests send) are kept as their text
+    return [{"key": p["key"], "value": p["value"] if isinstance(p["value"], str) else str(p["value"])} for p in value]
 
 
 def validate_endpoint(endpoint: Any) -> dict:

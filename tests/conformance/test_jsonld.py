@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import uuid
 
-import orjson
 import pytest
 
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
