@@ -154,8 +154,19 @@ def respond(ctx: Ctx, payload: Any, *, status: int = 200, headers: dict | None =
         elif isinstance(payload, dict):
             payload = dict(payload, **{"@context": ctx.context_value})
     else:
-        out_headers["Link"] = link_header(ctx.context_url)
+        links = [link_header(ctx.context_url)] + ([out_headers["Link"]] if "Link" in out_headers else [])
+        out_headers["Link"] = ", ".join(links)
     return Response(orjson.dumps(payload), status_code=status, media_type=ctx.accept, headers=out_headers)
+
+
+def page_links(request: Request, offset: int, limit: int, more: bool) -> dict:
+    """Link header values rel="next" / rel="prev" for a page of results (clauses 5.5.9 and 6.3.10)."""
+    links = []
+    if more:
+        links.append(f'<{request.url.include_query_params(offset=offset + limit, limit=limit)}>; rel="next"')
+    if offset > 0 and limit > 0:
+        links.append(f'<{request.url.include_query_params(offset=max(0, offset - limit), limit=limit)}>; rel="prev"')
+    return {"Link": ", ".join(links)} if links else {}
 
 
 def problem_response(error: NgsiLdError) -> Response:

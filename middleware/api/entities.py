@@ -12,7 +12,7 @@ from ..context.geo import parse_geoq
 from ..context.model import EntityParser, Renderer, check_name, check_uri
 from ..context.query import parse_q
 from ..context.typeexpr import parse_type_selection
-from .common import GEOJSON, Ctx, context_for, int_param, options_of, read_body, respond, split_list
+from .common import GEOJSON, Ctx, context_for, int_param, options_of, page_links, read_body, respond, split_list
 
 router = APIRouter(prefix="/ngsi-ld/v1")
 
@@ -111,7 +111,9 @@ async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, a
     renderer = renderer_for(request, ctx, attrs=attrs)
     result = await _broker(request).query(ctx.tenant, ids=ids, id_pattern=id_pattern, types=types, attrs=attrs,
                                           q=q, geo=geo_query, scope=match, limit=limit, offset=offset, count=count)
-    headers = {"NGSILD-Results-Count": str(result.total)} if count else {}
+    headers = page_links(request, offset, limit, result.more)
+    if count:
+        headers["NGSILD-Results-Count"] = str(result.total)
     rendered = [renderer.entity(doc) for doc in result.entities]
     if ctx.accept == GEOJSON:
         features = [as_geojson(request, ctx, r, d) for r, d in zip(rendered, result.entities)]

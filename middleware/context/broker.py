@@ -40,10 +40,11 @@ class AttrReport:
 
 @dataclass
 class QueryResult:
-    """A page of entities and the total number that matched."""
+    """A page of entities, the total number that matched (-1 when not counted) and whether more follow."""
 
     entities: list[dict]
     total: int
+    more: bool = False
 
 
 class Broker:
@@ -366,10 +367,10 @@ class Broker:
             return True
 
         full = count or near
-        matched = await self.store.query(tenant, candidates, keep, None if full else offset + limit)
+        matched = await self.store.query(tenant, candidates, keep, None if full else offset + limit + 1)
         if near:
             matched.sort(key=lambda d: distances[d["id"]])
-        return QueryResult(matched[offset:offset + limit], len(matched) if full else -1)
+        return QueryResult(matched[offset:offset + limit], len(matched) if full else -1, len(matched) > offset + limit)
 
     async def all_entities(self, tenant: str) -> list[dict]:
         """Every entity of a tenant (discovery)."""

@@ -592,3 +592,17 @@ def test_geojson_empty_collection(places):
     """4.5.16: no match gives an empty FeatureCollection."""
     got = places.get("/entities", params={"type": "Nope"}, headers={"Accept": "application/geo+json"})
     assert got.json() == {"type": "FeatureCollection", "features": []}
+
+
+def test_pages_link_to_next_and_previous(api):
+    """5.5.9 / 6.3.10: a page that is not the last carries Link rel="next"; a page after the first carries rel="prev"."""
+    for n in range(5):
+        assert api.post_json("/entities", {"id": f"urn:ngsi-ld:Page:{n}", "type": "Page"}).status_code == 201
+    first = api.get("/entities", params={"type": "Page", "limit": 2})
+    assert [e["id"] for e in first.json()] == ["urn:ngsi-ld:Page:0", "urn:ngsi-ld:Page:1"]
+    assert 'rel="next"' in first.headers["Link"] and 'rel="prev"' not in first.headers["Link"]
+    assert "offset=2" in first.headers["Link"]
+    last = api.get("/entities", params={"type": "Page", "limit": 2, "offset": 4})
+    assert [e["id"] for e in last.json()] == ["urn:ngsi-ld:Page:4"]
+    assert 'rel="next"' not in last.headers["Link"] and 'rel="prev"' in last.headers["Link"]
+    assert 'rel="http://www.w3.org/ns/json-ld#context"' in last.headers["Link"]
