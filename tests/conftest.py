@@ -209,6 +209,16 @@ def mosquitto(tmp_path_factory):
     broker.stop()
 
 
+def assert_problem(response, status: int, name: str) -> dict:
+    """The response is a ProblemDetails of the given NGSI-LD error type and HTTP status."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].split(";")[0] in ("application/json", "application/problem+json")
+    body = response.json()
+    assert body["type"] == "https://uri.etsi.org/ngsi-ld/errors/" + name
+    assert isinstance(body.get("title"), str) and body["title"]
+    return body
+
+
 def link(url: str) -> dict:
     """The JSON-LD Link header for a context URL."""
     return {"Link": f'<{url}>; rel="http://www.w3.org/ns/json-ld#context"; type="application/ld+json"'}

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from ..context.broker import AttrReport, Broker
 from ..context.errors import BadRequestData, TooManyResults
 from ..context.geo import parse_geoq
-from ..context.model import EntityParser, Renderer, check_name, check_uri
+from ..context.model import EntityParser, Renderer, check_name, check_uri, expand_types
 from ..context.query import parse_q
 from ..context.typeexpr import parse_type_selection
 from .common import GEOJSON, Ctx, context_for, int_param, options_of, page_links, read_body, respond, split_list
@@ -242,7 +242,6 @@ def _fragment_for(ctx: Ctx, entity_id: str, body: Any, *, require_type: bool, al
     parser = EntityParser(ctx.terms)
     fragment = {"id": entity_id}
     if "type" in body:
-        from ..context.model import expand_types
         fragment["type"] = expand_types(body["type"], ctx.terms)
     elif require_type:
         raise BadRequestData("entity type is missing")

@@ -9,20 +9,12 @@ from __future__ import annotations
 import orjson
 
 from tests.conftest import link
+from tests.conftest import assert_problem
 
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
 EID = "urn:ngsi-ld:Vehicle:B1"
 ATTRS = f"/entities/{EID}/attrs"
 GPS, WHEEL = "urn:ngsi-ld:ds:gps", "urn:ngsi-ld:ds:wheel"
-
-
-def assert_problem(response, status: int, name: str) -> dict:
-    """The response is a ProblemDetails of the given NGSI-LD error type and HTTP status."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert body["type"] == ERR + name
-    assert body.get("title")
-    return body
 
 
 def prop(value, **extra) -> dict:

@@ -12,21 +12,12 @@ import orjson
 import pytest
 
 from tests.conftest import CORE, link
+from tests.conftest import assert_problem
 
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
 CTX_REL = "http://www.w3.org/ns/json-ld#context"
 DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 EID = "urn:ngsi-ld:Vehicle:A4567"
-
-
-def assert_problem(response, status: int, name: str) -> dict:
-    """The response is a ProblemDetails of the given NGSI-LD error type and HTTP status."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].split(";")[0] in ("application/json", "application/problem+json")
-    body = response.json()
-    assert body["type"] == ERR + name
-    assert isinstance(body.get("title"), str) and body["title"]
-    return body
 
 
 def vehicle(**attrs) -> dict:

@@ -16,6 +16,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from tests.conftest import Api, link
+from tests.conftest import assert_problem
 
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
 CTX_REL = "http://www.w3.org/ns/json-ld#context"
@@ -23,16 +24,6 @@ DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?Z$")
 SID = "urn:ngsi-ld:Subscription:conformance-1"
 ENDPOINT = "http://127.0.0.1:9/notify"
 EX = "https://example.org/citybridge/"
-
-
-def assert_problem(response, status: int, name: str) -> dict:
-    """The response is a ProblemDetails of the given NGSI-LD error type and HTTP status."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].split(";")[0] in ("application/json", "application/problem+json")
-    body = response.json()
-    assert body["type"] == ERR + name
-    assert isinstance(body.get("title"), str) and body["title"]
-    return body
 
 
 def subscription(**members) -> dict:
