@@ -153,7 +153,7 @@ class Server:
             self.label = f"PostgreSQL {ver} fresh database {self.store}"
         else:
             raise SystemExit(f"unknown --store {store!r}")
-        self.env = {"CITYBRIDGE_LOG_LEVEL": "warning", **env}
+        self.env = {"CITYBRIDGE_LOG_LEVEL": "warning", "CITYBRIDGE_MQTT_ENABLED": "false", **env}
         self.process: subprocess.Popen | None = None
         self.log = None
 

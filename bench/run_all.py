@@ -15,6 +15,8 @@ import batch_upsert  # noqa: E402
 import common  # noqa: E402
 import get_entity  # noqa: E402
 import near_query  # noqa: E402
+import notify_latency  # noqa: E402
+import notify_throughput  # noqa: E402
 import query_q  # noqa: E402
 
 FULL = {
@@ -22,12 +24,16 @@ FULL = {
     "get_entity": ["--entities", "10000", "--duration", "15"],
     "query_q": ["--entities", "100000", "--requests", "5"],
     "near_query": ["--entities", "100000", "--duration", "15"],
+    "notify_latency": ["--rate", "1000", "--duration", "20", "--entities", "1000", "--subs", "1,100"],
+    "notify_throughput": ["--entities", "10000", "--subs", "0,1000,10000", "--rounds", "3", "--duration", "10"],
 }
 QUICK = {
     "batch_upsert": ["--entities", "10000"],
     "get_entity": ["--entities", "2000", "--duration", "4", "--connection-list", "1,8"],
     "query_q": ["--entities", "5000", "--requests", "3"],
     "near_query": ["--entities", "10000", "--duration", "4", "--sample", "50", "--points", "500"],
+    "notify_latency": ["--rate", "1000", "--duration", "5", "--entities", "1000", "--subs", "1"],
+    "notify_throughput": ["--entities", "2000", "--subs", "0,1000", "--rounds", "1", "--duration", "4"],
 }
 
 
@@ -36,11 +42,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     parser.add_argument("--store", default="sqlite")
     parser.add_argument("--profile", default=None, metavar="DIR")
-    parser.add_argument("--only", default="batch_upsert,get_entity,query_q,near_query")
+    parser.add_argument("--only", default="batch_upsert,get_entity,query_q,near_query,notify_latency,notify_throughput")
     args = parser.parse_args()
     sizes = QUICK if args.quick else FULL
     common_argv = ["--store", args.store] + (["--profile", args.profile] if args.profile else [])
-    modules = {"batch_upsert": batch_upsert, "get_entity": get_entity, "query_q": query_q, "near_query": near_query}
+    modules = {"batch_upsert": batch_upsert, "get_entity": get_entity, "query_q": query_q, "near_query": near_query,
+               "notify_latency": notify_latency, "notify_throughput": notify_throughput}
     results, elapsed = {}, {}
     for name in args.only.split(","):
         argv = sizes[name] + common_argv
@@ -98,6 +105,30 @@ def main() -> None:
                     f"{res['rps']:,.0f}, {res['p50'] * 1000:.1f} / {res['p99'] * 1000:.1f} ms",
                     "p99 < 50 ms" if first else "", ("met" if res["p99"] < 0.05 else "**missed**") if first else "")
         row("near: mean results", f"{int(n):,}", "returned (limit 20) / matched", f"{r['mean_results']:.1f} / {r['mean_matched']:.1f}")
+    r = results.get("notify_latency")
+    if r:
+        size = sizes["notify_latency"]
+        for n, res in r.items():
+            if isinstance(n, int):
+                s = res["from_sched"]
+                row(f"notify latency, {n} sub(s), {size[1]} upd/s paced", f"{int(size[5]):,}",
+                    "sched. send -> arrival p50 / p99 / max (sent/recv/missing/dup)",
+                    f"{s['p50'] * 1000:.1f} / {s['p99'] * 1000:.1f} / {s['max'] * 1000:.1f} ms "
+                    f"({res['sent']}/{res['received_updates']}/{res['missing']}/{res['duplicates']})",
+                    "p99 < 50 ms", "met" if s["p99"] < 0.05 else "**missed**")
+    r = results.get("notify_throughput")
+    if r:
+        n_ent = int(sizes["notify_throughput"][1])
+        base = r.get(0)
+        for phase in ("batch", "patch"):
+            for n, res in r.items():
+                if isinstance(n, int):
+                    v = res[phase]["rate"]
+                    change = (v / base[phase]["rate"] - 1) * 100 if base and n else None
+                    row(f"updates with {n:,} subs ({phase})", f"{n_ent:,}", "updates/s (vs 0 subs), notifications",
+                        f"{v:,.0f}" + (f" ({change:+.1f}%)" if change is not None else "") + f", {res[phase]['notifications']:,}",
+                        "cost < 20% at 10k" if n >= 10000 else "",
+                        ("met" if change > -20 else "**missed**") if n >= 10000 and change is not None else "")
     for name, res in results.items():
         if res is None:
             row(name, "", "FAILED", "", "", "")

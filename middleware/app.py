@@ -12,6 +12,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import __version__
 from .api import batch, discovery, entities, subscriptions
+from .api import iot  # device provisioning and dead letters (issue 4)
+from . import metrics
+from .devices.deadletters import DeadLetters
+from .devices.registry import DeviceRegistry
+from .devices.southbound import Southbound, load_profiles  # MQTT ingest (issue 4)
 from .api.common import problem_response
 from .context.broker import Broker
 from .context.errors import BadRequestData, InternalError, InvalidRequest, NgsiLdError, PayloadTooLarge, ResourceNotFound
@@ -87,10 +92,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             store, app.state.broker, app.state.contexts, timeout=settings.notify_timeout,
             max_attempts=settings.notify_max_attempts, backoff_max=settings.notify_backoff_max)
         await app.state.subscriptions.start()
+        app.state.profiles = load_profiles(settings.profiles_dir)  # MQTT ingest (issue 4)
+        app.state.registry = DeviceRegistry(store, profiles=getattr(app.state, "profiles", None))
+        await app.state.registry.start()
+        app.state.deadletters = DeadLetters(store)
+        app.state.southbound = Southbound(settings, app.state.broker, app.state.registry, app.state.deadletters,
+                                          app.state.profiles, app.state.contexts.core)  # MQTT ingest (issue 4)
+        await app.state.southbound.start()
         log.info("citybridge %s ready: store %s", __version__, settings.store.split("@")[-1])
         try:
             yield
         finally:
+            await app.state.southbound.stop()  # MQTT ingest (issue 4)
+            await app.state.deadletters.close()
+            await app.state.registry.close()
             await app.state.subscriptions.close()
             await app.state.contexts.close()
             await store.close()
@@ -101,6 +116,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(batch.router)
     app.include_router(discovery.router)
     app.include_router(subscriptions.router)
+    app.include_router(iot.router)
+    app.include_router(metrics.router)
 
     @app.get("/health")
     async def health() -> Response:

@@ -34,6 +34,17 @@ def main() -> None:
 @click.option("--notify-backoff-max", type=float, default=None, help=_help("notify_backoff_max"))
 @click.option("--log-level", default=None, help=_help("log_level"))
 @click.option("--workers", type=int, default=None, help=_help("workers"))
+@click.option("--mqtt-enabled/--no-mqtt", default=None, help=_help("mqtt_enabled"))
+@click.option("--mqtt-url", default=None, help=_help("mqtt_url"))
+@click.option("--mqtt-client-id", default=None, help=_help("mqtt_client_id"))
+@click.option("--mqtt-shared-group", default=None, help=_help("mqtt_shared_group"))
+@click.option("--mqtt-tls-ca", default=None, help=_help("mqtt_tls_ca"))
+@click.option("--mqtt-version", type=click.Choice(["5", "3.1.1"]), default=None, help=_help("mqtt_version"))
+@click.option("--mqtt-embedded", type=click.Choice(["auto", "never"]), default=None, help=_help("mqtt_embedded"))
+@click.option("--max-payload-bytes", type=int, default=None, help=_help("max_payload_bytes"))
+@click.option("--profiles-dir", default=None, help=_help("profiles_dir"))
+@click.option("--ingest-batch-max", type=int, default=None, help=_help("ingest_batch_max"))
+@click.option("--ingest-batch-wait", type=float, default=None, help=_help("ingest_batch_wait"))
 def serve(config_file: str | None, **options) -> None:
     """Run the middleware (HTTP API on --host:--port)."""
     import uvicorn

@@ -28,6 +28,20 @@ class Settings(BaseSettings):
     notify_backoff_max: float = Field(60.0, description="longest wait, in seconds, between two delivery attempts")
     log_level: str = Field("info", description="debug, info, warning or error")
     workers: int = Field(1, description="uvicorn worker processes; they share the store (SQLite in WAL mode or PostgreSQL)")
+    mqtt_enabled: bool = Field(True, description="ingest device uplinks over MQTT (IoT Agent JSON topics and profile topics)")
+    mqtt_url: str = Field("mqtt://127.0.0.1:1883", description="MQTT broker: mqtt://[user:pass@]host:port or mqtts://...")
+    mqtt_client_id: str = Field("citybridge-ingest", description="fixed MQTT client id of the persistent session "
+                                "(-1, -2, ... appended for further processes on one machine)")
+    mqtt_shared_group: str = Field("", description="shared subscription group ($share/<group>/...) so several "
+                                   "workers split the uplinks; 'citybridge' when workers > 1 and this is empty")
+    mqtt_tls_ca: str = Field("", description="CA certificate file to verify an mqtts:// broker (system CAs if empty)")
+    mqtt_version: str = Field("5", description="MQTT protocol version: 5 or 3.1.1 (the embedded broker speaks 3.1.1)")
+    mqtt_embedded: str = Field("auto", description="auto: start an embedded broker (amqtt) on loopback when none "
+                               "answers at mqtt_url; never: just keep retrying the configured broker")
+    max_payload_bytes: int = Field(64 * 1024, description="largest uplink payload; larger ones are dead-lettered")
+    profiles_dir: str = Field("device-profiles", description="folder of device profiles (*.yaml)")
+    ingest_batch_max: int = Field(1000, description="most uplinks committed together in one batch")
+    ingest_batch_wait: float = Field(0.02, description="seconds an uplink waits for others to fill its batch")
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:

@@ -38,7 +38,10 @@ class Middleware:
         self.url = f"http://127.0.0.1:{self.port}"
         self.store = store
         self.log = open(workdir / f"middleware-{self.port}.log", "wb")
-        environment = dict(os.environ, CITYBRIDGE_STORE=store, CITYBRIDGE_PORT=str(self.port), **env)
+        # MQTT ingest is off unless a test asks for it (it would otherwise join whatever broker is on 1883)
+        environment = dict(os.environ, CITYBRIDGE_STORE=store, CITYBRIDGE_PORT=str(self.port),
+                           CITYBRIDGE_MQTT_ENABLED="false")
+        environment.update(env)
         self.process = subprocess.Popen([sys.executable, "-m", "middleware.cli", "serve"], cwd=workdir,
                                         env=environment, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 30

@@ -151,3 +151,111 @@ class Store(Protocol):
 
     async def release_lease(self, tenant: str, sub_id: str, owner: str) -> None:
         """Give a delivery lease back."""
+
+
+# ---------------------------------------------------------------- device registry and dead letters (issue 4)
+
+@dataclass(slots=True)
+class GroupRecord:
+    """A stored config group (IoT Agent "service"): its scope, its (apikey, resource) key and its JSON document."""
+
+    tenant: str
+    service_path: str
+    apikey: str
+    resource: str
+    doc: dict
+
+
+@dataclass(slots=True)
+class DeviceRecord:
+    """A stored device: its scope, its key (device_id, apikey; '' when none), its JSON document and last uplink time."""
+
+    tenant: str
+    service_path: str
+    device_id: str
+    apikey: str
+    doc: dict
+    last_seen: float | None = None
+
+
+@dataclass(slots=True)
+class DeadLetterRecord:
+    """An uplink that could not be processed: where it came from, why, and its raw bytes (base64)."""
+
+    seq: int | None
+    time: float
+    transport: str
+    topic: str
+    address: str
+    tenant: str | None
+    device_id: str | None
+    reason: str
+    payload_b64: str
+
+
+class RegistryStore(Protocol):
+    """What the device registry and the dead letters need from a store (both back ends implement it)."""
+
+    async def create_groups(self, rows: list[GroupRecord]) -> list[tuple[str, str]]:
+        """Insert config groups all-or-nothing; return the (apikey, resource) keys that already exist (nothing written then)."""
+
+    async def replace_group(self, row: GroupRecord) -> bool:
+        """Replace the document of a config group in its scope; False if it does not exist."""
+
+    async def get_group(self, tenant: str, service_path: str, apikey: str, resource: str) -> GroupRecord | None:
+        """One config group of a scope."""
+
+    async def list_groups(self, tenant: str, service_path: str | None, limit: int, offset: int, *,
+                          apikey: str | None = None, resource: str | None = None) -> tuple[list[GroupRecord], int]:
+        """A page of a tenant's config groups in creation order (service_path None: every path), and their total."""
+
+    async def find_groups(self, apikey: str) -> list[GroupRecord]:
+        """The config groups of an apikey across tenants, in creation order."""
+
+    async def all_groups(self) -> list[GroupRecord]:
+        """Every config group of every tenant."""
+
+    async def delete_group(self, tenant: str, service_path: str, apikey: str, resource: str) -> bool:
+        """Delete a config group; False if it does not exist."""
+
+    async def create_devices(self, rows: list[DeviceRecord]) -> list[str]:
+        """Insert devices all-or-nothing; return the device ids that already exist (nothing written then)."""
+
+    async def replace_device(self, row: DeviceRecord) -> bool:
+        """Replace the document of a device (same scope, id and apikey); False if it does not exist."""
+
+    async def get_device(self, tenant: str, service_path: str, device_id: str,
+                         apikey: str | None = None) -> DeviceRecord | None:
+        """One device of a scope (the oldest of that id when apikey is None)."""
+
+    async def list_devices(self, tenant: str, service_path: str | None, limit: int, offset: int, *,
+                           apikey: str | None = None, protocol: str | None = None) -> tuple[list[DeviceRecord], int]:
+        """A page of a tenant's devices in creation order (service_path None: every path), and their total."""
+
+    async def find_device(self, apikey: str | None, device_id: str) -> DeviceRecord | None:
+        """The oldest device with this apikey (any when None) and id, across tenants (MQTT topics carry no tenant)."""
+
+    async def all_devices(self) -> list[DeviceRecord]:
+        """Every device of every tenant, in creation order."""
+
+    async def delete_device(self, tenant: str, service_path: str, device_id: str, apikey: str) -> bool:
+        """Delete a device; False if it does not exist."""
+
+    async def touch_devices(self, seen: list[tuple[str, str, str, str, float]]) -> None:
+        """Raise last_seen of (tenant, service_path, device_id, apikey, when) rows (never lowers it)."""
+
+    async def registry_fingerprint(self) -> tuple:
+        """Changes whenever a config group or device is created, replaced or deleted (not on last_seen)."""
+
+    async def add_deadletters(self, rows: list[DeadLetterRecord]) -> None:
+        """Append dead letters in one transaction."""
+
+    async def list_deadletters(self, limit: int, offset: int, *,
+                               tenant: str | None = None) -> tuple[list[DeadLetterRecord], int]:
+        """A page of dead letters, newest first (tenant None: all), and their total."""
+
+    async def count_deadletters(self, tenant: str | None = None) -> int:
+        """How many dead letters are kept (tenant None: all)."""
+
+    async def trim_deadletters(self, keep: int) -> int:
+        """Delete all but the newest `keep` dead letters; return how many were deleted."""

@@ -12,6 +12,7 @@ import asyncpg
 import orjson
 
 from .base import Candidates, Change, Keep, OutboxRow, Plan, Stored, StatusUpdate, SubscriptionRecord
+from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
@@ -32,6 +33,21 @@ CREATE TABLE IF NOT EXISTS outbox(seq BIGSERIAL PRIMARY KEY, tenant TEXT NOT NUL
 CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq);
 CREATE TABLE IF NOT EXISTS delivery_leases(tenant TEXT NOT NULL, subscription_id TEXT NOT NULL, owner TEXT NOT NULL,
     until DOUBLE PRECISION NOT NULL, PRIMARY KEY(tenant, subscription_id));
+-- device registry and dead letters (issue 4)
+CREATE SEQUENCE IF NOT EXISTS registry_changes;
+CREATE TABLE IF NOT EXISTS config_groups(created BIGSERIAL, tenant TEXT NOT NULL, service_path TEXT NOT NULL,
+    apikey TEXT NOT NULL, resource TEXT NOT NULL, doc JSONB NOT NULL, changed BIGINT NOT NULL,
+    PRIMARY KEY(apikey, resource));
+CREATE INDEX IF NOT EXISTS config_groups_scope ON config_groups(tenant, service_path);
+CREATE TABLE IF NOT EXISTS devices(created BIGSERIAL, tenant TEXT NOT NULL, service_path TEXT NOT NULL,
+    device_id TEXT NOT NULL, apikey TEXT NOT NULL, doc JSONB NOT NULL, last_seen DOUBLE PRECISION,
+    changed BIGINT NOT NULL, PRIMARY KEY(tenant, service_path, device_id, apikey));
+CREATE INDEX IF NOT EXISTS devices_by_key ON devices(apikey, device_id);
+CREATE INDEX IF NOT EXISTS devices_by_id ON devices(device_id);
+CREATE TABLE IF NOT EXISTS deadletters(seq BIGSERIAL PRIMARY KEY, time DOUBLE PRECISION NOT NULL,
+    transport TEXT NOT NULL, topic TEXT NOT NULL, address TEXT NOT NULL, tenant TEXT, device_id TEXT,
+    reason TEXT NOT NULL, payload_b64 TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS deadletters_tenant ON deadletters(tenant, seq);
 """
 
 
@@ -279,6 +295,204 @@ class PostgresStore:
                                 tenant, sub_id, owner)
 
 
+    # ---------------------------------------------------------------- device registry and dead letters (issue 4)
+
+    async def create_groups(self, rows: list[GroupRecord]) -> list[tuple[str, str]]:
+        """Insert config groups all-or-nothing; return the (apikey, resource) keys that already exist."""
+        async with self.pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                done = await conn.fetch(
+                    "INSERT INTO config_groups(tenant, service_path, apikey, resource, doc, changed) "
+                    "SELECT u.t, u.p, u.k, u.r, u.d, nextval('registry_changes') "
+                    "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[]) AS u(t, p, k, r, d) "
+                    "ON CONFLICT DO NOTHING RETURNING apikey, resource",
+                    [r.tenant for r in rows], [r.service_path for r in rows], [r.apikey for r in rows],
+                    [r.resource for r in rows], [r.doc for r in rows])
+                written = {(d["apikey"], d["resource"]) for d in done}
+                taken = [(r.apikey, r.resource) for r in rows if (r.apikey, r.resource) not in written]
+                if len(done) != len(rows) and not taken:
+                    taken = [(r.apikey, r.resource) for r in rows]  # the batch repeats a key
+                if taken:
+                    await tx.rollback()
+                    return taken
+                await conn.execute("INSERT INTO tenants(name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                                   list({r.tenant for r in rows}))
+            except BaseException:
+                await tx.rollback()
+                raise
+            await tx.commit()
+        return []
+
+    async def replace_group(self, row: GroupRecord) -> bool:
+        """Replace the document of a config group in its scope; False if it does not exist."""
+        status = await self.pool.execute(
+            "UPDATE config_groups SET doc=$5, changed=nextval('registry_changes') WHERE tenant=$1 AND service_path=$2 "
+            "AND apikey=$3 AND resource=$4", row.tenant, row.service_path, row.apikey, row.resource, row.doc)
+        return status.endswith(" 1")
+
+    async def get_group(self, tenant: str, service_path: str, apikey: str, resource: str) -> GroupRecord | None:
+        """One config group of a scope."""
+        row = await self.pool.fetchrow(_GROUP_SELECT + " WHERE tenant=$1 AND service_path=$2 AND apikey=$3 AND resource=$4",
+                                       tenant, service_path, apikey, resource)
+        return GroupRecord(*row) if row else None
+
+    async def list_groups(self, tenant: str, service_path: str | None, limit: int, offset: int, *,
+                          apikey: str | None = None, resource: str | None = None) -> tuple[list[GroupRecord], int]:
+        """A page of a tenant's config groups in creation order (service_path None: every path), and their total."""
+        where, params = _registry_filter(tenant, service_path, apikey=apikey, resource=resource)
+        total = await self.pool.fetchval("SELECT count(*) FROM config_groups" + where, *params)
+        n = len(params)
+        rows = await self.pool.fetch(_GROUP_SELECT + where + f" ORDER BY created LIMIT ${n + 1} OFFSET ${n + 2}",
+                                     *params, limit, offset)
+        return [GroupRecord(*r) for r in rows], total
+
+    async def find_groups(self, apikey: str) -> list[GroupRecord]:
+        """The config groups of an apikey across tenants, in creation order."""
+        return [GroupRecord(*r) for r in await self.pool.fetch(_GROUP_SELECT + " WHERE apikey=$1 ORDER BY created",
+                                                               apikey)]
+
+    async def all_groups(self) -> list[GroupRecord]:
+        """Every config group of every tenant, in creation order."""
+        return [GroupRecord(*r) for r in await self.pool.fetch(_GROUP_SELECT + " ORDER BY created")]
+
+    async def delete_group(self, tenant: str, service_path: str, apikey: str, resource: str) -> bool:
+        """Delete a config group; False if it does not exist."""
+        status = await self.pool.execute("DELETE FROM config_groups WHERE tenant=$1 AND service_path=$2 AND apikey=$3 "
+                                         "AND resource=$4", tenant, service_path, apikey, resource)
+        return status.endswith(" 1")
+
+    async def create_devices(self, rows: list[DeviceRecord]) -> list[str]:
+        """Insert devices all-or-nothing; return the device ids that already exist (nothing written then)."""
+        async with self.pool.acquire() as conn:
+            tx = conn.transaction()
+            await tx.start()
+            try:
+                done = await conn.fetch(
+                    "INSERT INTO devices(tenant, service_path, device_id, apikey, doc, last_seen, changed) "
+                    "SELECT u.t, u.p, u.i, u.k, u.d, u.s, nextval('registry_changes') FROM unnest($1::text[], $2::text[], "
+                    "$3::text[], $4::text[], $5::jsonb[], $6::float8[]) AS u(t, p, i, k, d, s) "
+                    "ON CONFLICT DO NOTHING RETURNING tenant, service_path, device_id, apikey",
+                    [r.tenant for r in rows], [r.service_path for r in rows], [r.device_id for r in rows],
+                    [r.apikey for r in rows], [r.doc for r in rows], [r.last_seen for r in rows])
+                written = {tuple(d) for d in done}
+                taken = [r.device_id for r in rows if (r.tenant, r.service_path, r.device_id, r.apikey) not in written]
+                if len(done) != len(rows) and not taken:
+                    taken = [r.device_id for r in rows]  # the batch repeats a key
+                if taken:
+                    await tx.rollback()
+                    return taken
+                await conn.execute("INSERT INTO tenants(name) SELECT unnest($1::text[]) ON CONFLICT DO NOTHING",
+                                   list({r.tenant for r in rows}))
+            except BaseException:
+                await tx.rollback()
+                raise
+            await tx.commit()
+        return []
+
+    async def replace_device(self, row: DeviceRecord) -> bool:
+        """Replace the document of a device (same scope, id and apikey); False if it does not exist."""
+        status = await self.pool.execute(
+            "UPDATE devices SET doc=$5, changed=nextval('registry_changes') WHERE tenant=$1 AND service_path=$2 "
+            "AND device_id=$3 AND apikey=$4", row.tenant, row.service_path, row.device_id, row.apikey, row.doc)
+        return status.endswith(" 1")
+
+    async def get_device(self, tenant: str, service_path: str, device_id: str,
+                         apikey: str | None = None) -> DeviceRecord | None:
+        """One device of a scope (the oldest of that id when apikey is None)."""
+        if apikey is None:
+            row = await self.pool.fetchrow(_DEVICE_SELECT + " WHERE tenant=$1 AND service_path=$2 AND device_id=$3 "
+                                           "ORDER BY created LIMIT 1", tenant, service_path, device_id)
+        else:
+            row = await self.pool.fetchrow(_DEVICE_SELECT + " WHERE tenant=$1 AND service_path=$2 AND device_id=$3 "
+                                           "AND apikey=$4", tenant, service_path, device_id, apikey)
+        return DeviceRecord(*row) if row else None
+
+    async def list_devices(self, tenant: str, service_path: str | None, limit: int, offset: int, *,
+                           apikey: str | None = None, protocol: str | None = None) -> tuple[list[DeviceRecord], int]:
+        """A page of a tenant's devices in creation order (service_path None: every path), and their total."""
+        where, params = _registry_filter(tenant, service_path, apikey=apikey)
+        if protocol is not None:
+            params.append(protocol)
+            where += f" AND doc->>'protocol'=${len(params)}"
+        total = await self.pool.fetchval("SELECT count(*) FROM devices" + where, *params)
+        n = len(params)
+        rows = await self.pool.fetch(_DEVICE_SELECT + where + f" ORDER BY created LIMIT ${n + 1} OFFSET ${n + 2}",
+                                     *params, limit, offset)
+        return [DeviceRecord(*r) for r in rows], total
+
+    async def find_device(self, apikey: str | None, device_id: str) -> DeviceRecord | None:
+        """The oldest device with this apikey (any when None) and id, across tenants."""
+        if apikey is None:
+            row = await self.pool.fetchrow(_DEVICE_SELECT + " WHERE device_id=$1 ORDER BY created LIMIT 1", device_id)
+        else:
+            row = await self.pool.fetchrow(_DEVICE_SELECT + " WHERE apikey=$1 AND device_id=$2 ORDER BY created LIMIT 1",
+                                           apikey, device_id)
+        return DeviceRecord(*row) if row else None
+
+    async def all_devices(self) -> list[DeviceRecord]:
+        """Every device of every tenant, in creation order."""
+        return [DeviceRecord(*r) for r in await self.pool.fetch(_DEVICE_SELECT + " ORDER BY created")]
+
+    async def delete_device(self, tenant: str, service_path: str, device_id: str, apikey: str) -> bool:
+        """Delete a device; False if it does not exist."""
+        status = await self.pool.execute("DELETE FROM devices WHERE tenant=$1 AND service_path=$2 AND device_id=$3 "
+                                         "AND apikey=$4", tenant, service_path, device_id, apikey)
+        return status.endswith(" 1")
+
+    async def touch_devices(self, seen: list[tuple[str, str, str, str, float]]) -> None:
+        """Raise last_seen of (tenant, service_path, device_id, apikey, when) rows (never lowers it)."""
+        if not seen:
+            return
+        await self.pool.execute(
+            "UPDATE devices d SET last_seen = greatest(coalesce(d.last_seen, 0), u.w) "
+            "FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::float8[]) AS u(t, p, i, k, w) "
+            "WHERE d.tenant=u.t AND d.service_path=u.p AND d.device_id=u.i AND d.apikey=u.k",
+            [s[0] for s in seen], [s[1] for s in seen], [s[2] for s in seen], [s[3] for s in seen],
+            [s[4] for s in seen])
+
+    async def registry_fingerprint(self) -> tuple:
+        """Changes whenever a config group or device is created, replaced or deleted (not on last_seen)."""
+        row = await self.pool.fetchrow("SELECT (SELECT count(*) FROM config_groups), (SELECT max(changed) FROM "
+                                       "config_groups), (SELECT count(*) FROM devices), (SELECT max(changed) FROM devices)")
+        return tuple(row)
+
+    async def add_deadletters(self, rows: list[DeadLetterRecord]) -> None:
+        """Append dead letters in one transaction."""
+        if not rows:
+            return
+        await self.pool.execute(
+            "INSERT INTO deadletters(time, transport, topic, address, tenant, device_id, reason, payload_b64) "
+            "SELECT * FROM unnest($1::float8[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], "
+            "$8::text[])", [r.time for r in rows], [r.transport for r in rows], [r.topic for r in rows],
+            [r.address for r in rows], [r.tenant for r in rows], [r.device_id for r in rows], [r.reason for r in rows],
+            [r.payload_b64 for r in rows])
+
+    async def list_deadletters(self, limit: int, offset: int, *,
+                               tenant: str | None = None) -> tuple[list[DeadLetterRecord], int]:
+        """A page of dead letters, newest first (tenant None: all), and their total."""
+        if tenant is None:
+            total = await self.pool.fetchval("SELECT count(*) FROM deadletters")
+            rows = await self.pool.fetch(_DEADLETTER_SELECT + " ORDER BY seq DESC LIMIT $1 OFFSET $2", limit, offset)
+        else:
+            total = await self.pool.fetchval("SELECT count(*) FROM deadletters WHERE tenant=$1", tenant)
+            rows = await self.pool.fetch(_DEADLETTER_SELECT + " WHERE tenant=$1 ORDER BY seq DESC LIMIT $2 OFFSET $3",
+                                         tenant, limit, offset)
+        return [DeadLetterRecord(*r) for r in rows], total
+
+    async def count_deadletters(self, tenant: str | None = None) -> int:
+        """How many dead letters are kept (tenant None: all)."""
+        if tenant is None:
+            return await self.pool.fetchval("SELECT count(*) FROM deadletters")
+        return await self.pool.fetchval("SELECT count(*) FROM deadletters WHERE tenant=$1", tenant)
+
+    async def trim_deadletters(self, keep: int) -> int:
+        """Delete all but the newest `keep` dead letters; return how many were deleted."""
+        status = await self.pool.execute("DELETE FROM deadletters WHERE seq <= (SELECT seq FROM deadletters "
+                                         "ORDER BY seq DESC LIMIT 1 OFFSET $1)", keep)
+        return int(status.split()[-1])
+
 _SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
                "delivery_status FROM subscriptions")
 
@@ -290,3 +504,24 @@ def _subscription(row) -> SubscriptionRecord:
 def _box(bbox: tuple[float, float, float, float]) -> str:
     min_x, min_y, max_x, max_y = bbox
     return f"(({min_x},{min_y}),({max_x},{max_y}))"
+
+
+# ---------------------------------------------------------------- device registry and dead letters (issue 4)
+
+_GROUP_SELECT = "SELECT tenant, service_path, apikey, resource, doc FROM config_groups"
+_DEVICE_SELECT = "SELECT tenant, service_path, device_id, apikey, doc, last_seen FROM devices"
+_DEADLETTER_SELECT = ("SELECT seq, time, transport, topic, address, tenant, device_id, reason, payload_b64 "
+                      "FROM deadletters")
+
+
+def _registry_filter(tenant: str, service_path: str | None, **equal: str | None) -> tuple[str, list]:
+    """The WHERE clause (and parameters) of a registry listing: tenant, optional service path and column equalities."""
+    clauses, params = ["tenant=$1"], [tenant]
+    if service_path is not None:
+        params.append(service_path)
+        clauses.append(f"service_path=${len(params)}")
+    for column, value in equal.items():
+        if value is not None:
+            params.append(value)
+            clauses.append(f"{column}=${len(params)}")
+    return " WHERE " + " AND ".join(clauses), params

@@ -10,6 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import orjson
 
 from .base import Candidates, Change, Keep, OutboxRow, Plan, Stored, StatusUpdate, SubscriptionRecord
+from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
@@ -27,6 +28,19 @@ CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY, tenant TEXT NOT NULL,
 CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq);
 CREATE TABLE IF NOT EXISTS delivery_leases(tenant TEXT NOT NULL, subscription_id TEXT NOT NULL, owner TEXT NOT NULL,
     until REAL NOT NULL, PRIMARY KEY(tenant, subscription_id));
+-- device registry and dead letters (issue 4)
+CREATE TABLE IF NOT EXISTS config_groups(tenant TEXT NOT NULL, service_path TEXT NOT NULL, apikey TEXT NOT NULL,
+    resource TEXT NOT NULL, doc TEXT NOT NULL, changed INTEGER NOT NULL, PRIMARY KEY(apikey, resource));
+CREATE INDEX IF NOT EXISTS config_groups_scope ON config_groups(tenant, service_path);
+CREATE TABLE IF NOT EXISTS devices(tenant TEXT NOT NULL, service_path TEXT NOT NULL, device_id TEXT NOT NULL,
+    apikey TEXT NOT NULL, doc TEXT NOT NULL, last_seen REAL, changed INTEGER NOT NULL,
+    PRIMARY KEY(tenant, service_path, device_id, apikey));
+CREATE INDEX IF NOT EXISTS devices_by_key ON devices(apikey, device_id);
+CREATE INDEX IF NOT EXISTS devices_by_id ON devices(device_id);
+CREATE TABLE IF NOT EXISTS deadletters(seq INTEGER PRIMARY KEY, time REAL NOT NULL, transport TEXT NOT NULL,
+    topic TEXT NOT NULL, address TEXT NOT NULL, tenant TEXT, device_id TEXT, reason TEXT NOT NULL,
+    payload_b64 TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS deadletters_tenant ON deadletters(tenant, seq);
 """
 
 _CHUNK = 500  # SQLite's default limit on host parameters is 32766; keep IN lists well below
@@ -333,6 +347,218 @@ class SqliteStore:
         await self._write_op(run)
 
 
+    # ---------------------------------------------------------------- device registry and dead letters (issue 4)
+
+    async def create_groups(self, rows: list[GroupRecord]) -> list[tuple[str, str]]:
+        """Insert config groups all-or-nothing; return the (apikey, resource) keys that already exist."""
+        def run(conn):
+            stamp = time.time_ns()
+            taken = []
+            for row in rows:
+                cur = conn.execute("INSERT INTO config_groups(tenant, service_path, apikey, resource, doc, changed) "
+                                   "VALUES (?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                                   (row.tenant, row.service_path, row.apikey, row.resource, orjson.dumps(row.doc), stamp))
+                if cur.rowcount != 1:
+                    taken.append((row.apikey, row.resource))
+            if taken:
+                raise _Rollback(taken)
+            for tenant in {row.tenant for row in rows}:
+                conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", (tenant,))
+            return []
+        try:
+            return await self._write_op(run)
+        except _Rollback as rollback:
+            return rollback.args[0]
+
+    async def replace_group(self, row: GroupRecord) -> bool:
+        """Replace the document of a config group in its scope; False if it does not exist."""
+        def run(conn):
+            cur = conn.execute("UPDATE config_groups SET doc=?, changed=? WHERE tenant=? AND service_path=? AND apikey=? "
+                               "AND resource=?", (orjson.dumps(row.doc), time.time_ns(), row.tenant, row.service_path,
+                                                  row.apikey, row.resource))
+            return cur.rowcount == 1
+        return await self._write_op(run)
+
+    async def get_group(self, tenant: str, service_path: str, apikey: str, resource: str) -> GroupRecord | None:
+        """One config group of a scope."""
+        def run():
+            row = self._rconn.execute(_GROUP_SELECT + " WHERE tenant=? AND service_path=? AND apikey=? AND resource=?",
+                                      (tenant, service_path, apikey, resource)).fetchone()
+            return _group(row) if row else None
+        return await self._read(run)
+
+    async def list_groups(self, tenant: str, service_path: str | None, limit: int, offset: int, *,
+                          apikey: str | None = None, resource: str | None = None) -> tuple[list[GroupRecord], int]:
+        """A page of a tenant's config groups in creation order (service_path None: every path), and their total."""
+        where, params = _registry_filter(tenant, service_path, apikey=apikey, resource=resource)
+
+        def run():
+            total = self._rconn.execute("SELECT count(*) FROM config_groups" + where, params).fetchone()[0]
+            rows = self._rconn.execute(_GROUP_SELECT + where + " ORDER BY rowid LIMIT ? OFFSET ?",
+                                       (*params, limit, offset)).fetchall()
+            return [_group(r) for r in rows], total
+        return await self._read(run)
+
+    async def find_groups(self, apikey: str) -> list[GroupRecord]:
+        """The config groups of an apikey across tenants, in creation order."""
+        def run():
+            return [_group(r) for r in self._rconn.execute(_GROUP_SELECT + " WHERE apikey=? ORDER BY rowid", (apikey,))]
+        return await self._read(run)
+
+    async def all_groups(self) -> list[GroupRecord]:
+        """Every config group of every tenant, in creation order."""
+        def run():
+            return [_group(r) for r in self._rconn.execute(_GROUP_SELECT + " ORDER BY rowid")]
+        return await self._read(run)
+
+    async def delete_group(self, tenant: str, service_path: str, apikey: str, resource: str) -> bool:
+        """Delete a config group; False if it does not exist."""
+        def run(conn):
+            cur = conn.execute("DELETE FROM config_groups WHERE tenant=? AND service_path=? AND apikey=? AND resource=?",
+                               (tenant, service_path, apikey, resource))
+            return cur.rowcount == 1
+        return await self._write_op(run)
+
+    async def create_devices(self, rows: list[DeviceRecord]) -> list[str]:
+        """Insert devices all-or-nothing; return the device ids that already exist (nothing written then)."""
+        def run(conn):
+            stamp = time.time_ns()
+            taken = []
+            for row in rows:
+                cur = conn.execute("INSERT INTO devices(tenant, service_path, device_id, apikey, doc, last_seen, changed) "
+                                   "VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                                   (row.tenant, row.service_path, row.device_id, row.apikey, orjson.dumps(row.doc),
+                                    row.last_seen, stamp))
+                if cur.rowcount != 1:
+                    taken.append(row.device_id)
+            if taken:
+                raise _Rollback(taken)
+            for tenant in {row.tenant for row in rows}:
+                conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", (tenant,))
+            return []
+        try:
+            return await self._write_op(run)
+        except _Rollback as rollback:
+            return rollback.args[0]
+
+    async def replace_device(self, row: DeviceRecord) -> bool:
+        """Replace the document of a device (same scope, id and apikey); False if it does not exist."""
+        def run(conn):
+            cur = conn.execute("UPDATE devices SET doc=?, changed=? WHERE tenant=? AND service_path=? AND device_id=? "
+                               "AND apikey=?", (orjson.dumps(row.doc), time.time_ns(), row.tenant, row.service_path,
+                                                row.device_id, row.apikey))
+            return cur.rowcount == 1
+        return await self._write_op(run)
+
+    async def get_device(self, tenant: str, service_path: str, device_id: str,
+                         apikey: str | None = None) -> DeviceRecord | None:
+        """One device of a scope (the oldest of that id when apikey is None)."""
+        def run():
+            sql = _DEVICE_SELECT + " WHERE tenant=? AND service_path=? AND device_id=?"
+            params: tuple = (tenant, service_path, device_id)
+            if apikey is not None:
+                sql += " AND apikey=?"
+                params += (apikey,)
+            row = self._rconn.execute(sql + " ORDER BY rowid LIMIT 1", params).fetchone()
+            return _device(row) if row else None
+        return await self._read(run)
+
+    async def list_devices(self, tenant: str, service_path: str | None, limit: int, offset: int, *,
+                           apikey: str | None = None, protocol: str | None = None) -> tuple[list[DeviceRecord], int]:
+        """A page of a tenant's devices in creation order (service_path None: every path), and their total."""
+        where, params = _registry_filter(tenant, service_path, apikey=apikey)
+        if protocol is not None:
+            where += " AND json_extract(doc, '$.protocol')=?"
+            params.append(protocol)
+
+        def run():
+            total = self._rconn.execute("SELECT count(*) FROM devices" + where, params).fetchone()[0]
+            rows = self._rconn.execute(_DEVICE_SELECT + where + " ORDER BY rowid LIMIT ? OFFSET ?",
+                                       (*params, limit, offset)).fetchall()
+            return [_device(r) for r in rows], total
+        return await self._read(run)
+
+    async def find_device(self, apikey: str | None, device_id: str) -> DeviceRecord | None:
+        """The oldest device with this apikey (any when None) and id, across tenants."""
+        def run():
+            if apikey is None:
+                row = self._rconn.execute(_DEVICE_SELECT + " WHERE device_id=? ORDER BY rowid LIMIT 1",
+                                          (device_id,)).fetchone()
+            else:
+                row = self._rconn.execute(_DEVICE_SELECT + " WHERE apikey=? AND device_id=? ORDER BY rowid LIMIT 1",
+                                          (apikey, device_id)).fetchone()
+            return _device(row) if row else None
+        return await self._read(run)
+
+    async def all_devices(self) -> list[DeviceRecord]:
+        """Every device of every tenant, in creation order."""
+        def run():
+            return [_device(r) for r in self._rconn.execute(_DEVICE_SELECT + " ORDER BY rowid")]
+        return await self._read(run)
+
+    async def delete_device(self, tenant: str, service_path: str, device_id: str, apikey: str) -> bool:
+        """Delete a device; False if it does not exist."""
+        def run(conn):
+            cur = conn.execute("DELETE FROM devices WHERE tenant=? AND service_path=? AND device_id=? AND apikey=?",
+                               (tenant, service_path, device_id, apikey))
+            return cur.rowcount == 1
+        return await self._write_op(run)
+
+    async def touch_devices(self, seen: list[tuple[str, str, str, str, float]]) -> None:
+        """Raise last_seen of (tenant, service_path, device_id, apikey, when) rows (never lowers it)."""
+        def run(conn):
+            conn.executemany("UPDATE devices SET last_seen=max(coalesce(last_seen, 0), ?) WHERE tenant=? "
+                             "AND service_path=? AND device_id=? AND apikey=?",
+                             [(when, tenant, path, device_id, apikey) for tenant, path, device_id, apikey, when in seen])
+        if seen:
+            await self._write_op(run)
+
+    async def registry_fingerprint(self) -> tuple:
+        """Changes whenever a config group or device is created, replaced or deleted (not on last_seen)."""
+        def run():
+            groups = self._rconn.execute("SELECT count(*), max(changed) FROM config_groups").fetchone()
+            devices = self._rconn.execute("SELECT count(*), max(changed) FROM devices").fetchone()
+            return (*groups, *devices)
+        return await self._read(run)
+
+    async def add_deadletters(self, rows: list[DeadLetterRecord]) -> None:
+        """Append dead letters in one transaction."""
+        def run(conn):
+            conn.executemany("INSERT INTO deadletters(time, transport, topic, address, tenant, device_id, reason, "
+                             "payload_b64) VALUES (?,?,?,?,?,?,?,?)",
+                             [(r.time, r.transport, r.topic, r.address, r.tenant, r.device_id, r.reason, r.payload_b64)
+                              for r in rows])
+        if rows:
+            await self._write_op(run)
+
+    async def list_deadletters(self, limit: int, offset: int, *,
+                               tenant: str | None = None) -> tuple[list[DeadLetterRecord], int]:
+        """A page of dead letters, newest first (tenant None: all), and their total."""
+        where, params = (" WHERE tenant=?", (tenant,)) if tenant is not None else ("", ())
+
+        def run():
+            total = self._rconn.execute("SELECT count(*) FROM deadletters" + where, params).fetchone()[0]
+            rows = self._rconn.execute(_DEADLETTER_SELECT + where + " ORDER BY seq DESC LIMIT ? OFFSET ?",
+                                       (*params, limit, offset)).fetchall()
+            return [DeadLetterRecord(*r) for r in rows], total
+        return await self._read(run)
+
+    async def count_deadletters(self, tenant: str | None = None) -> int:
+        """How many dead letters are kept (tenant None: all)."""
+        def run():
+            if tenant is None:
+                return self._rconn.execute("SELECT count(*) FROM deadletters").fetchone()[0]
+            return self._rconn.execute("SELECT count(*) FROM deadletters WHERE tenant=?", (tenant,)).fetchone()[0]
+        return await self._read(run)
+
+    async def trim_deadletters(self, keep: int) -> int:
+        """Delete all but the newest `keep` dead letters; return how many were deleted."""
+        def run(conn):
+            cur = conn.execute("DELETE FROM deadletters WHERE seq <= (SELECT seq FROM deadletters ORDER BY seq DESC "
+                               "LIMIT 1 OFFSET ?)", (keep,))
+            return cur.rowcount
+        return await self._write_op(run)
+
 _SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
                "delivery_status FROM subscriptions")
 
@@ -358,3 +584,36 @@ def _collect(rows, keep: Keep | None, stop_after: int | None) -> list[dict]:
             if stop_after is not None and len(out) >= stop_after:
                 break
     return out
+
+
+# ---------------------------------------------------------------- device registry and dead letters (issue 4)
+
+class _Rollback(Exception):
+    """Raised inside a write operation to roll it back and hand its argument to the caller."""
+
+
+_GROUP_SELECT = "SELECT tenant, service_path, apikey, resource, doc FROM config_groups"
+_DEVICE_SELECT = "SELECT tenant, service_path, device_id, apikey, doc, last_seen FROM devices"
+_DEADLETTER_SELECT = ("SELECT seq, time, transport, topic, address, tenant, device_id, reason, payload_b64 "
+                      "FROM deadletters")
+
+
+def _group(row) -> GroupRecord:
+    return GroupRecord(row[0], row[1], row[2], row[3], orjson.loads(row[4]))
+
+
+def _device(row) -> DeviceRecord:
+    return DeviceRecord(row[0], row[1], row[2], row[3], orjson.loads(row[4]), row[5])
+
+
+def _registry_filter(tenant: str, service_path: str | None, **equal: str | None) -> tuple[str, list]:
+    """The WHERE clause (and parameters) of a registry listing: tenant, optional service path and column equalities."""
+    clauses, params = ["tenant=?"], [tenant]
+    if service_path is not None:
+        clauses.append("service_path=?")
+        params.append(service_path)
+    for column, value in equal.items():
+        if value is not None:
+            clauses.append(f"{column}=?")
+            params.append(value)
+    return " WHERE " + " AND ".join(clauses), params

@@ -1,0 +1,86 @@
+"""Prometheus metrics of the middleware and the `GET /metrics` route (prometheus-client).
+
+Other modules only call the tiny API below; they never touch prometheus-client themselves:
+
+    from middleware import metrics
+    metrics.uplink("mqtt")          # an adapter received an uplink
+    metrics.committed(42)           # 42 measurements reached the context store
+    metrics.deadletter("decode-error: byte 3 out of range")   # counted under reason="decode-error"
+    metrics.notification(ok=True)   # a notification was delivered (ok=False: it failed)
+
+Dead-letter reasons are free text; the label is the reason's code — the text before the first ':' when it is a short
+slug such as `unknown-device` or `decode-error`, else `other` — so the number of time series stays bounded.
+
+Several processes: each uvicorn worker has its own counters, and a scrape reaches one worker. Run several workers
+with the environment variable PROMETHEUS_MULTIPROC_DIR set to an empty, writable folder (prometheus-client's
+multiprocess mode): every worker then writes its counters there and `GET /metrics` sums them over all workers. Without
+it, scrape each process on its own port or run one worker per container.
+"""
+from __future__ import annotations
+
+import os
+import re
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client.exposition import choose_encoder
+
+UPLINKS = Counter("citybridge_uplinks", "Uplinks received from devices, per transport", ["transport"])
+COMMITTED = Counter("citybridge_measurements_committed", "Measurements committed to the context store")
+DEADLETTERS = Counter("citybridge_deadletters", "Uplinks dead-lettered, per reason code", ["reason"])
+NOTIFICATIONS = Counter("citybridge_notifications", "Notifications sent to subscribers, per outcome", ["outcome"])
+
+_CODE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+
+router = APIRouter()
+
+
+def reason_code(reason: str) -> str:
+    """The bounded label of a dead-letter reason: its leading slug before ':' (e.g. 'decode-error'), else 'other'."""
+    head = reason.split(":", 1)[0].strip().lower()
+    return head if _CODE.match(head) else "other"
+
+
+def uplink(transport: str) -> None:
+    """Count one uplink received on a transport (mqtt, coap, modbus, serial, http)."""
+    UPLINKS.labels(transport=transport).inc()
+
+
+def committed(n: int = 1) -> None:
+    """Count n measurements committed to the context store."""
+    if n > 0:
+        COMMITTED.inc(n)
+
+
+def deadletter(reason: str) -> None:
+    """Count one dead letter under the code of its reason."""
+    DEADLETTERS.labels(reason=reason_code(reason)).inc()
+
+
+def notification(ok: bool) -> None:
+    """Count one notification delivered (ok) or given up / failed (not ok)."""
+    NOTIFICATIONS.labels(outcome="sent" if ok else "failed").inc()
+
+
+def registry() -> CollectorRegistry:
+    """The registry to expose: the process's own, or every worker's when PROMETHEUS_MULTIPROC_DIR is set."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged)
+        return merged
+    return REGISTRY
+
+
+def render(accept: str | None = None) -> tuple[bytes, str]:
+    """The exposition (body, content type): OpenMetrics when the Accept header asks for it, else Prometheus text 0.0.4."""
+    encoder, content_type = choose_encoder(accept or "")
+    return encoder(registry()), content_type
+
+
+@router.get("/metrics", include_in_schema=False)
+async def metrics_route(request: Request) -> Response:
+    """Prometheus scrape endpoint."""
+    body, content_type = render(request.headers.get("accept"))
+    return Response(body, media_type=None, headers={"Content-Type": content_type})

@@ -1,0 +1,181 @@
+"""The ingest stage without a network: batching, merging, dead letters, acks after commit, silent devices;
+and the MQTT adapter's pure helpers."""
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+
+from adapters.mqtt import IOTA_TOPICS, Endpoint, claim_client_id, shared
+from middleware.codecs import ProfileLibrary
+from middleware.context.broker import Broker
+from middleware.context.jsonld import ContextResolver
+from middleware.devices.ingest import IOTA_TOPIC, Ingest
+from middleware.devices.southbound import Profiles, mqtt_filters
+from middleware.devices.types import Device, Uplink
+from middleware.store import open_store
+
+PROFILE = ("entity_type: AirQualityObserved\ninterval: 0.2\ntransports: {mqtt: {topics: ['dust/{device_id}/up']}}\n"
+           "codec: {format: json}\nattributes:\n  - {name: pm10, unitCode: GQ}\n  - {name: seq, type: integer}\n")
+
+
+class Registry:
+    """Knows devices d*; everything else is unknown and has no group."""
+
+    def __init__(self):
+        self.touched = []
+
+    async def find(self, apikey, device_id):
+        if not device_id.startswith("d"):
+            return None
+        return Device("", "/", device_id, f"urn:ngsi-ld:AirQualityObserved:{device_id}", "AirQualityObserved",
+                      apikey="k", profile="dust")
+
+    async def group_for(self, apikey, resource=None):
+        return None
+
+    def touch(self, device, when):
+        self.touched.append(device.device_id)
+
+
+class Letters:
+    def __init__(self):
+        self.letters = []
+
+    async def add(self, uplink, reason, device=None):
+        self.letters.append((uplink.topic, reason))
+
+
+class Recorder:
+    """Acks in the order they are called."""
+
+    def __init__(self):
+        self.acked = []
+
+    def uplink(self, topic: str, payload, n: int) -> Uplink:
+        async def ack():
+            self.acked.append(n)
+        body = payload if isinstance(payload, bytes) else orjson.dumps(payload)
+        return Uplink("mqtt", "test", topic, body, time.time(), ack)
+
+
+@pytest.fixture
+async def parts(tmp_path):
+    (tmp_path / "dust.yaml").write_text(PROFILE)
+    store = open_store(f"sqlite:///{tmp_path}/store.db")
+    await store.open()
+    broker = Broker(store)
+    registry, letters = Registry(), Letters()
+    ingest = Ingest(broker, registry, Profiles(ProfileLibrary.load(tmp_path).profiles), letters,
+                    ContextResolver().core, max_payload=200)
+    yield ingest, broker, registry, letters
+    await store.close()
+
+
+async def run(ingest: Ingest, uplinks: list[Uplink]) -> None:
+    await ingest.commit(await ingest.prepare(uplinks))
+
+
+async def test_one_write_per_entity_and_acks_after_commit(parts):
+    """Many readings of one device in a batch become one upsert holding the last; every uplink is acked, in order."""
+    ingest, broker, registry, letters = parts
+    writes = []
+    original = broker.store.write
+
+    async def counting(tenant, changes, plan=None):
+        writes.append(len(changes))
+        return await original(tenant, changes, plan)
+    broker.store.write = counting
+    rec = Recorder()
+    await run(ingest, [rec.uplink("/k/d1/attrs", {"pm10": n, "seq": n}, n) for n in range(50)])
+    assert writes == [2]                                   # the data entity and the Device entity, once
+    doc = await broker.retrieve("", "urn:ngsi-ld:AirQualityObserved:d1")
+    assert doc["attrs"][ingest.terms.expand("seq")][0]["value"] == 49
+    assert rec.acked == list(range(50))
+    assert registry.touched.count("d1") == 50 and letters.letters == []
+
+
+async def test_failures_are_dead_letters_and_still_acked(parts):
+    """Unknown device, no route, decode error and oversize payloads are dead-lettered; the good one commits."""
+    ingest, broker, registry, letters = parts
+    rec = Recorder()
+    batch = [rec.uplink("/k/x9/attrs", {"pm10": 1}, 0), rec.uplink("no/route", {"pm10": 1}, 1),
+             rec.uplink("/k/d2/attrs", b"{oops", 2), rec.uplink("/k/d2/attrs", {"pm10": "x" * 300}, 3),
+             rec.uplink("dust/d3/up", {"pm10": 3}, 4)]
+    await run(ingest, batch)
+    codes = [reason.split(":")[0] for _, reason in letters.letters]
+    assert codes == ["unknown-device", "no-route", "decode-error", "payload-too-large"]
+    assert rec.acked == [0, 1, 2, 3, 4]
+    assert (await broker.retrieve("", "urn:ngsi-ld:AirQualityObserved:d3"))["id"].endswith("d3")
+
+
+async def test_a_failed_commit_is_retried_before_any_ack(parts):
+    """The store refuses twice: nothing is acked until the third try commits."""
+    ingest, broker, registry, letters = parts
+    original = broker.store.write
+    failures = [RuntimeError("disk gone"), RuntimeError("still gone")]
+
+    async def flaky(tenant, changes, plan=None):
+        if failures:
+            assert rec.acked == []
+            raise failures.pop(0)
+        return await original(tenant, changes, plan)
+    broker.store.write = flaky
+    rec = Recorder()
+    await run(ingest, [rec.uplink("/k/d4/attrs", {"pm10": 4}, 0)])
+    assert failures == [] and rec.acked == [0]
+
+
+async def test_silent_after_two_intervals(parts):
+    """A device whose profile interval passes twice without data is marked silent on its Device entity."""
+    ingest, broker, registry, letters = parts
+    await run(ingest, [Recorder().uplink("/k/d5/attrs", {"pm10": 5}, 0)])
+    assert await ingest.mark_silent() == 0
+    time.sleep(0.5)
+    assert await ingest.mark_silent() == 1
+    doc = await broker.retrieve("", "urn:ngsi-ld:Device:d5")
+    assert doc["attrs"][ingest.terms.expand("deviceState")][0]["value"] == "silent"
+
+
+async def test_batches_fill_up_to_the_limit(parts):
+    """submit + the gathering loop: a burst larger than batch_max is split into full batches."""
+    ingest, *_ = parts
+    ingest.batch_max = 10
+    rec = Recorder()
+    for n in range(25):
+        ingest.submit(rec.uplink("/k/d6/attrs", {"pm10": n}, n))
+    sizes = [len(await ingest._next_batch()) for _ in range(3)]
+    assert sizes == [10, 10, 5]
+
+
+def test_iota_topics():
+    """The IoT Agent JSON topics, with and without the leading slash."""
+    m = IOTA_TOPIC.match("/key/dev-1/attrs")
+    assert (m["apikey"], m["device_id"], m["attr"], m["cmdexe"]) == ("key", "dev-1", None, None)
+    assert IOTA_TOPIC.match("key/dev-1/attrs/pm10")["attr"] == "pm10"
+    assert IOTA_TOPIC.match("/key/dev-1/cmdexe")["cmdexe"] == "cmdexe"
+    assert IOTA_TOPIC.match("/key/dev-1/cmd") is None and IOTA_TOPIC.match("$SYS/a/attrs") is None
+
+
+def test_filters_cover_templates_once():
+    """Profile templates become + filters; one already covered by an IoT Agent filter is not added twice."""
+    class P:
+        def __init__(self, *topics):
+            self.mqtt = {"topics": list(topics)}
+    filters = mqtt_filters([P("city/dust/{device_id}/up", "{apikey}/{device_id}/attrs")])
+    assert filters == [*IOTA_TOPICS, "city/dust/+/up"]
+    assert shared("/+/+/attrs", "g1") == "$share/g1//+/+/attrs" and shared("a/b", None) == "a/b"
+
+
+def test_endpoint_and_client_ids():
+    """URLs parse into host, port, TLS and credentials; client ids are unique per process and broker."""
+    e = Endpoint.parse("mqtts://user:p%40ss@broker.example:8884")
+    assert (e.host, e.port, e.tls, e.username, e.password) == ("broker.example", 8884, True, "user", "p@ss")
+    assert Endpoint.parse("mqtt://10.0.0.1").port == 1883
+    with pytest.raises(ValueError):
+        Endpoint.parse("http://x")
+    base = f"unit-{time.time_ns()}"
+    assert claim_client_id(base, "h:1") == base
+    assert claim_client_id(base, "h:1") == f"{base}-1"
+    assert claim_client_id(base, "h:2") == base
