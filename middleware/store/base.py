@@ -80,6 +80,17 @@ class StatusUpdate:
     status: str | None = None
 
 
+@dataclass(slots=True)
+class Settlement:
+    """What became of some notifications of one subscription: rows done, one row to retry, status to record."""
+
+    tenant: str
+    sub_id: str
+    done: list[int]
+    retry: tuple[int, int] | None   # (seq, attempts so far)
+    status: StatusUpdate
+
+
 def geo_entries(doc: dict) -> list[tuple[str, BBox]]:
     """The (attribute, bbox) pairs of every GeoProperty instance of a stored entity, for the spatial index."""
     entries: list[tuple[str, BBox]] = []
@@ -142,15 +153,14 @@ class Store(Protocol):
     async def outbox_pending(self) -> list[tuple[str, str]]:
         """(tenant, subscription id) of every subscription with pending notifications."""
 
-    async def outbox_settle(self, tenant: str, sub_id: str, done: list[int], retry: tuple[int, int] | None,
-                            status: StatusUpdate) -> None:
-        """Remove delivered or abandoned rows, count an attempt on a retried row, update the status."""
+    async def outbox_settle(self, settlements: list[Settlement]) -> None:
+        """In one transaction: remove delivered or abandoned rows, count attempts on retried rows, update statuses."""
 
-    async def acquire_lease(self, tenant: str, sub_id: str, owner: str, ttl: float) -> bool:
-        """Take or renew the delivery lease of a subscription."""
+    async def acquire_leases(self, owner: str, keys: list[tuple[str, str]], ttl: float) -> set[tuple[str, str]]:
+        """Take or renew delivery leases of (tenant, subscription id); return those now held by owner."""
 
-    async def release_lease(self, tenant: str, sub_id: str, owner: str) -> None:
-        """Give a delivery lease back."""
+    async def release_leases(self, owner: str, keys: list[tuple[str, str]]) -> None:
+        """Give delivery leases back."""
 
 
 # ---------------------------------------------------------------- device registry and dead letters (issue 4)

@@ -11,7 +11,7 @@ import time
 import asyncpg
 import orjson
 
-from .base import Candidates, Change, Keep, OutboxRow, Plan, Stored, StatusUpdate, SubscriptionRecord
+from .base import Candidates, Change, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
 from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
 
 SCHEMA = """
@@ -263,37 +263,42 @@ class PostgresStore:
         rows = await self.pool.fetch("SELECT DISTINCT tenant, subscription_id FROM outbox")
         return [(r["tenant"], r["subscription_id"]) for r in rows]
 
-    async def outbox_settle(self, tenant: str, sub_id: str, done: list[int], retry: tuple[int, int] | None,
-                            status: StatusUpdate) -> None:
-        """Remove delivered or abandoned rows, count an attempt on a retried row, update the status."""
+    async def outbox_settle(self, settlements: list[Settlement]) -> None:
+        """In one transaction: remove delivered or abandoned rows, count attempts on retried rows, update statuses."""
+        done = [seq for item in settlements for seq in item.done]
+        retries = [item.retry for item in settlements if item.retry is not None]
         async with self.pool.acquire() as conn:
             async with conn.transaction():
                 if done:
                     await conn.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])", done)
-                if retry is not None:
-                    await conn.execute("UPDATE outbox SET attempts=$2 WHERE seq=$1", retry[0], retry[1])
-                await conn.execute(
+                if retries:
+                    await conn.executemany("UPDATE outbox SET attempts=$2 WHERE seq=$1", retries)
+                await conn.executemany(
                     "UPDATE subscriptions SET times_sent=times_sent+$3, times_failed=times_failed+$4, "
                     "last_notification=coalesce($5, last_notification), last_success=coalesce($6, last_success), "
                     "last_failure=coalesce($7, last_failure), delivery_status=coalesce($8, delivery_status) "
-                    "WHERE tenant=$1 AND id=$2", tenant, sub_id, status.sent, status.failed, status.last_notification,
-                    status.last_success, status.last_failure, status.status)
+                    "WHERE tenant=$1 AND id=$2",
+                    [(i.tenant, i.sub_id, i.status.sent, i.status.failed, i.status.last_notification,
+                      i.status.last_success, i.status.last_failure, i.status.status) for i in settlements])
 
-    async def acquire_lease(self, tenant: str, sub_id: str, owner: str, ttl: float) -> bool:
-        """Take or renew the delivery lease of a subscription; False while another owner holds it."""
+    async def acquire_leases(self, owner: str, keys: list[tuple[str, str]], ttl: float) -> set[tuple[str, str]]:
+        """Take or renew delivery leases of (tenant, subscription id); return those now held by owner."""
         now = time.time()
-        status = await self.pool.execute(
-            "INSERT INTO delivery_leases(tenant, subscription_id, owner, until) VALUES ($1,$2,$3,$4) "
+        rows = await self.pool.fetch(
+            "INSERT INTO delivery_leases(tenant, subscription_id, owner, until) "
+            "SELECT u.t, u.s, $3, $4 FROM unnest($1::text[], $2::text[]) AS u(t, s) "
             "ON CONFLICT(tenant, subscription_id) DO UPDATE SET owner=excluded.owner, until=excluded.until "
-            "WHERE delivery_leases.owner=excluded.owner OR delivery_leases.until<$5",
-            tenant, sub_id, owner, now + ttl, now)
-        return status.endswith(" 1")
+            "WHERE delivery_leases.owner=excluded.owner OR delivery_leases.until<$5 "
+            "RETURNING tenant, subscription_id",
+            [k[0] for k in keys], [k[1] for k in keys], owner, now + ttl, now)
+        return {(r["tenant"], r["subscription_id"]) for r in rows}
 
-    async def release_lease(self, tenant: str, sub_id: str, owner: str) -> None:
-        """Give a delivery lease back."""
-        await self.pool.execute("DELETE FROM delivery_leases WHERE tenant=$1 AND subscription_id=$2 AND owner=$3",
-                                tenant, sub_id, owner)
-
+    async def release_leases(self, owner: str, keys: list[tuple[str, str]]) -> None:
+        """Give delivery leases back."""
+        await self.pool.execute(
+            "DELETE FROM delivery_leases d USING unnest($1::text[], $2::text[]) AS u(t, s) "
+            "WHERE d.tenant=u.t AND d.subscription_id=u.s AND d.owner=$3",
+            [k[0] for k in keys], [k[1] for k in keys], owner)
 
     # ---------------------------------------------------------------- device registry and dead letters (issue 4)
 

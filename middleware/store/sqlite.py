@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import orjson
 
-from .base import Candidates, Change, Keep, OutboxRow, Plan, Stored, StatusUpdate, SubscriptionRecord
+from .base import Candidates, Change, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
 from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
 
 SCHEMA = """
@@ -310,42 +310,46 @@ class SqliteStore:
             return self._rconn.execute("SELECT DISTINCT tenant, subscription_id FROM outbox").fetchall()
         return await self._read(run)
 
-    async def outbox_settle(self, tenant: str, sub_id: str, done: list[int], retry: tuple[int, int] | None,
-                            status: StatusUpdate) -> None:
-        """Remove delivered (or abandoned) rows, count an attempt on a retried row, and update the status."""
+    async def outbox_settle(self, settlements: list[Settlement]) -> None:
+        """In one transaction: remove delivered or abandoned rows, count attempts on retried rows, update statuses."""
         def run(conn):
+            done = [(seq,) for item in settlements for seq in item.done]
             if done:
-                conn.executemany("DELETE FROM outbox WHERE seq=?", [(seq,) for seq in done])
-            if retry is not None:
-                conn.execute("UPDATE outbox SET attempts=? WHERE seq=?", (retry[1], retry[0]))
-            conn.execute(
+                conn.executemany("DELETE FROM outbox WHERE seq=?", done)
+            retries = [(item.retry[1], item.retry[0]) for item in settlements if item.retry is not None]
+            if retries:
+                conn.executemany("UPDATE outbox SET attempts=? WHERE seq=?", retries)
+            conn.executemany(
                 "UPDATE subscriptions SET times_sent=times_sent+?, times_failed=times_failed+?, "
                 "last_notification=coalesce(?, last_notification), last_success=coalesce(?, last_success), "
                 "last_failure=coalesce(?, last_failure), delivery_status=coalesce(?, delivery_status) "
                 "WHERE tenant=? AND id=?",
-                (status.sent, status.failed, status.last_notification, status.last_success, status.last_failure,
-                 status.status, tenant, sub_id))
+                [(i.status.sent, i.status.failed, i.status.last_notification, i.status.last_success,
+                  i.status.last_failure, i.status.status, i.tenant, i.sub_id) for i in settlements])
         await self._write_op(run)
 
-    async def acquire_lease(self, tenant: str, sub_id: str, owner: str, ttl: float) -> bool:
-        """Take or renew the delivery lease of a subscription; False while another owner holds it."""
+    async def acquire_leases(self, owner: str, keys: list[tuple[str, str]], ttl: float) -> set[tuple[str, str]]:
+        """Take or renew delivery leases of (tenant, subscription id); return those now held by owner."""
         def run(conn):
             now = time.time()
-            cur = conn.execute(
-                "INSERT INTO delivery_leases(tenant, subscription_id, owner, until) VALUES (?,?,?,?) "
-                "ON CONFLICT(tenant, subscription_id) DO UPDATE SET owner=excluded.owner, until=excluded.until "
-                "WHERE delivery_leases.owner=excluded.owner OR delivery_leases.until<?",
-                (tenant, sub_id, owner, now + ttl, now))
-            return cur.rowcount == 1
+            held = set()
+            for tenant, sub_id in keys:
+                cur = conn.execute(
+                    "INSERT INTO delivery_leases(tenant, subscription_id, owner, until) VALUES (?,?,?,?) "
+                    "ON CONFLICT(tenant, subscription_id) DO UPDATE SET owner=excluded.owner, until=excluded.until "
+                    "WHERE delivery_leases.owner=excluded.owner OR delivery_leases.until<?",
+                    (tenant, sub_id, owner, now + ttl, now))
+                if cur.rowcount == 1:
+                    held.add((tenant, sub_id))
+            return held
         return await self._write_op(run)
 
-    async def release_lease(self, tenant: str, sub_id: str, owner: str) -> None:
-        """Give a delivery lease back."""
+    async def release_leases(self, owner: str, keys: list[tuple[str, str]]) -> None:
+        """Give delivery leases back."""
         def run(conn):
-            conn.execute("DELETE FROM delivery_leases WHERE tenant=? AND subscription_id=? AND owner=?",
-                         (tenant, sub_id, owner))
+            conn.executemany("DELETE FROM delivery_leases WHERE tenant=? AND subscription_id=? AND owner=?",
+                             [(t, s, owner) for t, s in keys])
         await self._write_op(run)
-
 
     # ---------------------------------------------------------------- device registry and dead letters (issue 4)
 

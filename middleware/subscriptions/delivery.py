@@ -2,10 +2,14 @@
 
 The store's outbox is the queue. Each subscription with pending notifications gets one worker task that
 holds the subscription's delivery lease (so of several processes sharing a store only one delivers a given
-subscription, keeping its order), reads the oldest rows, sends them, and settles them in the store: a
-delivered row is deleted, a failed one is retried after a backoff (later rows of the same subscription
-wait, so order is kept), and after the retry budget it is dropped and counted in the subscription status.
-A slow endpoint only ever holds its own subscription's worker: ingest never waits for delivery.
+subscription, keeping its order). The worker reads the oldest pending rows, skips those it already sent
+whose removal is not yet recorded, sends the rest one by one and hands the outcome to the settler, which
+records delivered rows and statuses for many subscriptions in one store transaction every few
+milliseconds (and before a lease is given back, so another process never re-sends them). A failed row is
+recorded at once and retried after a backoff before any later row of its subscription (order is kept);
+after the retry budget it is dropped and counted in the subscription status. An idle worker lingers a
+moment, keeping its lease, so a steady flow costs no lease traffic; leases are taken, renewed and given back in bulk. A slow endpoint only ever holds
+its own subscription's worker, sends share a bounded number of slots, and ingest never waits for delivery.
 """
 from __future__ import annotations
 
@@ -15,46 +19,65 @@ import random
 import uuid
 from typing import Callable
 
+from .. import metrics
 from ..context.model import now_iso
-from ..store.base import StatusUpdate, Store
+from ..store.base import Settlement, StatusUpdate, Store
 from .matcher import Compiled
 from .senders import Delivery, DeliveryFailed, HttpSender, MqttSender
 
 log = logging.getLogger("citybridge.notify")
 
 _BATCH = 100
+Key = tuple[str, str]  # (tenant, subscription id)
 
 
 class Dispatcher:
-    """Delivers the outbox; wake() after rows are committed, recover() for rows from earlier runs."""
+    """Delivers the outbox; wake() after rows are committed; a recovery scan finds rows of earlier runs."""
 
     def __init__(self, store: Store, lookup: Callable[[str, str], Compiled | None], *, timeout: float = 10.0,
-                 max_attempts: int = 20, backoff_start: float = 0.5, backoff_max: float = 60.0, lease_ttl: float = 10.0):
+                 max_attempts: int = 20, backoff_start: float = 0.5, backoff_max: float = 60.0,
+                 lease_ttl: float = 10.0, linger: float = 2.0, concurrency: int = 128, settle_every: float = 0.02):
         self.store = store
         self.lookup = lookup
         self.max_attempts = max_attempts
         self.backoff_start = backoff_start
         self.backoff_max = backoff_max
         self.lease_ttl = lease_ttl
+        self.linger = linger
+        self.settle_every = settle_every
         self.owner = f"citybridge-{uuid.uuid4().hex}"
         self.http = HttpSender(timeout)
         self.mqtt = MqttSender(timeout)
-        self.workers: dict[tuple[str, str], asyncio.Task] = {}
-        self.dirty: set[tuple[str, str]] = set()
-        self._recovery: asyncio.Task | None = None
+        self.workers: dict[Key, asyncio.Task] = {}
+        self.signals: dict[Key, asyncio.Event] = {}
+        self.held: set[Key] = set()
+        self.sent: dict[Key, set[int]] = {}  # delivered rows whose removal from the store is not yet recorded
+        self._slots = asyncio.Semaphore(concurrency)
+        self._acquiring: set[Key] = set()
+        self._acquired: asyncio.Future | None = None
+        self._settlements: list[Settlement] = []
+        self._releases: list[Key] = []
+        self._tasks: list[asyncio.Task] = []
         self._closing = False
 
     def start(self, recovery_interval: float = 5.0) -> None:
-        """Start the loop that picks up rows left by earlier runs or by processes that died."""
-        self._recovery = asyncio.create_task(self._recover_forever(recovery_interval))
+        """Start the recovery scan, the settler and the lease keeper."""
+        self._tasks = [asyncio.create_task(self._recover_forever(recovery_interval)),
+                       asyncio.create_task(self._settle_forever()),
+                       asyncio.create_task(self._keep_leases_forever())]
 
     async def close(self) -> None:
-        """Stop workers (rows stay in the outbox for the next run) and close connections."""
+        """Stop workers (undelivered rows stay in the outbox), record what was delivered, close connections."""
         self._closing = True
-        tasks = list(self.workers.values()) + ([self._recovery] if self._recovery else [])
+        tasks = list(self.workers.values()) + self._tasks
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._releases.extend(self.held)
+        try:
+            await self._flush()
+        except Exception:
+            log.exception("recording the last deliveries failed; they will be sent again (same ids)")
         await self.http.close()
         await self.mqtt.close()
 
@@ -63,9 +86,13 @@ class Dispatcher:
         if self._closing:
             return
         key = (tenant, sub_id)
-        self.dirty.add(key)
-        if key not in self.workers:
-            self.workers[key] = asyncio.create_task(self._work(key))
+        signal = self.signals.get(key)
+        if signal is None:
+            signal = self.signals[key] = asyncio.Event()
+            self.workers[key] = asyncio.create_task(self._work(key, signal))
+        signal.set()
+
+    # ---------------------------------------------------------------- background loops
 
     async def _recover_forever(self, interval: float) -> None:
         while True:
@@ -76,80 +103,143 @@ class Dispatcher:
                 log.exception("outbox recovery scan failed")
             await asyncio.sleep(interval)
 
-    async def _work(self, key: tuple[str, str]) -> None:
+    async def _settle_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settle_every)
+            try:
+                await self._flush()
+            except Exception:  # kept for the next round; a crash meanwhile only means re-sending (same ids)
+                log.exception("recording deliveries failed; retrying")
+
+    async def _flush(self) -> None:
+        """Record settlements, then give back leases (a lease outlives the record of what it delivered)."""
+        releases, self._releases = self._releases, []
+        if self._settlements:
+            settlements, self._settlements = self._settlements, []
+            try:
+                await self.store.outbox_settle(settlements)
+            except BaseException:
+                self._settlements[:0] = settlements
+                self._releases[:0] = releases
+                raise
+            for item in settlements:
+                sent = self.sent.get((item.tenant, item.sub_id))
+                if sent is not None:
+                    sent.difference_update(item.done)
+                    if not sent:
+                        del self.sent[(item.tenant, item.sub_id)]
+        if releases:
+            await self.store.release_leases(self.owner, releases)
+
+    async def _keep_leases_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ttl / 3)
+            if not self.held:
+                continue
+            keys = list(self.held)
+            try:
+                renewed = await self.store.acquire_leases(self.owner, keys, self.lease_ttl)
+            except Exception:  # the leases still have time left
+                log.exception("renewing delivery leases failed")
+                continue
+            for key in set(keys) - renewed:
+                log.warning("delivery lease of %s was taken over; its worker here stops", key[1])
+                self.held.discard(key)
+
+    async def _acquire(self, key: Key) -> bool:
+        """Take a lease, together with the other workers starting in the same moment (one store write)."""
+        self._acquiring.add(key)
+        if self._acquired is None:
+            self._acquired = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self._acquire_batch()))
+        held = await asyncio.shield(self._acquired)
+        return key in held
+
+    async def _acquire_batch(self) -> None:
+        keys, future = list(self._acquiring), self._acquired
+        self._acquiring, self._acquired = set(), None
+        try:
+            held = await self.store.acquire_leases(self.owner, keys, self.lease_ttl)
+        except Exception as exc:
+            future.set_exception(exc)
+            return
+        self.held |= held
+        future.set_result(held)
+
+    # ---------------------------------------------------------------- one subscription's worker
+
+    async def _work(self, key: Key, signal: asyncio.Event) -> None:
         tenant, sub_id = key
         try:
-            if not await self.store.acquire_lease(tenant, sub_id, self.owner, self.lease_ttl):
+            if key not in self.held and not await self._acquire(key):
                 return  # another process delivers this subscription
-            lost = asyncio.Event()
-            heartbeat = asyncio.create_task(self._keep_lease(tenant, sub_id, lost))
-            try:
-                while not lost.is_set():
-                    self.dirty.discard(key)
-                    rows = await self.store.outbox_next(tenant, sub_id, _BATCH)
-                    if not rows:
-                        if key in self.dirty:
-                            continue
-                        return
-                    await self._deliver(tenant, sub_id, rows, lost)
-            finally:
-                heartbeat.cancel()
-                await asyncio.gather(heartbeat, return_exceptions=True)
-                if not self._closing and not lost.is_set():
-                    await self.store.release_lease(tenant, sub_id, self.owner)
+            while key in self.held:
+                signal.clear()
+                sent = set(self.sent.get(key, ()))  # a copy from before the read: the settler may shrink the set
+                rows = await self.store.outbox_next(tenant, sub_id, _BATCH + len(sent))
+                fresh = [row for row in rows if row[0] not in sent]
+                if fresh:
+                    await self._deliver(key, fresh[:_BATCH])
+                    continue
+                if rows:  # only rows already sent: their removal is being recorded
+                    await asyncio.sleep(self.settle_every)
+                    continue
+                try:
+                    await asyncio.wait_for(signal.wait(), self.linger)
+                except asyncio.TimeoutError:
+                    break
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("delivery worker for %s failed; the recovery scan will restart it", sub_id)
         finally:
             self.workers.pop(key, None)
-            if key in self.dirty and not self._closing:
-                self.wake(tenant, sub_id)
+            self.signals.pop(key, None)
+            if key in self.held and not self._closing:
+                self.held.discard(key)
+                self._releases.append(key)
+            if signal.is_set() and not self._closing:
+                self.wake(tenant, sub_id)  # rows arrived while this worker was finishing
 
-    async def _keep_lease(self, tenant: str, sub_id: str, lost: asyncio.Event) -> None:
-        """Renew the delivery lease while the worker runs (sends and backoff sleeps may outlast it)."""
-        while True:
-            await asyncio.sleep(self.lease_ttl / 3)
-            try:
-                if not await self.store.acquire_lease(tenant, sub_id, self.owner, self.lease_ttl):
-                    log.warning("delivery lease of %s was taken over; this worker stops", sub_id)
-                    lost.set()
-                    return
-            except Exception:  # the store may be briefly unavailable; the lease still has time left
-                log.exception("renewing the delivery lease of %s failed", sub_id)
-
-    async def _deliver(self, tenant: str, sub_id: str, rows: list[tuple[int, bytes, int]], lost: asyncio.Event) -> None:
-        delivered: list[int] = []
+    async def _deliver(self, key: Key, rows: list[tuple[int, bytes, int]]) -> None:
+        """Send rows in order, stopping at a failed one (retried after a backoff, before any later row)."""
+        tenant, sub_id = key
+        done: list[int] = []
         for seq, payload, attempts in rows:
-            if lost.is_set():
+            if key not in self.held:
                 break
             sub = self.lookup(tenant, sub_id)
             if sub is None:  # deleted meanwhile: its notifications go with it
-                delivered.append(seq)
+                done.append(seq)
                 continue
             endpoint = sub.doc["notification"]["endpoint"]
             sender = self.mqtt if endpoint["uri"].startswith("mqtt") else self.http
             try:
-                await sender.send(Delivery(tenant, endpoint, bytes(payload), sub.context_url))
+                async with self._slots:
+                    await sender.send(Delivery(tenant, endpoint, bytes(payload), sub.context_url))
             except DeliveryFailed as failure:
-                now = now_iso()
+                metrics.notification(False)
+                self._record_success(tenant, sub_id, done)
+                done = []
                 attempts += 1
+                now = now_iso()
+                failed = StatusUpdate(sent=1, failed=1, last_notification=now, last_failure=now, status="failed")
                 if attempts >= self.max_attempts:
                     log.warning("notification for %s dropped after %d attempts: %s", sub_id, attempts, failure)
-                    await self.store.outbox_settle(tenant, sub_id, delivered + [seq], None, StatusUpdate(
-                        sent=len(delivered) + 1, failed=1, last_notification=now, last_failure=now, status="failed",
-                        last_success=now if delivered else None))
-                    delivered = []
+                    await self.store.outbox_settle([Settlement(tenant, sub_id, [seq], None, failed)])
                     continue
-                await self.store.outbox_settle(tenant, sub_id, delivered, (seq, attempts), StatusUpdate(
-                    sent=len(delivered) + 1, failed=1, last_notification=now, last_failure=now, status="failed",
-                    last_success=now if delivered else None))
+                await self.store.outbox_settle([Settlement(tenant, sub_id, [], (seq, attempts), failed)])
                 log.info("notification for %s failed (attempt %d): %s", sub_id, attempts, failure)
                 delay = min(self.backoff_max, self.backoff_start * 2 ** (attempts - 1))
                 await asyncio.sleep(random.uniform(delay / 2, delay))
                 return
-            delivered.append(seq)
-        if delivered:
+            metrics.notification(True)
+            done.append(seq)
+        self._record_success(tenant, sub_id, done)
+
+    def _record_success(self, tenant: str, sub_id: str, done: list[int]) -> None:
+        if done:
+            self.sent.setdefault((tenant, sub_id), set()).update(done)
             now = now_iso()
-            await self.store.outbox_settle(tenant, sub_id, delivered, None, StatusUpdate(
-                sent=len(delivered), last_notification=now, last_success=now, status="ok"))
+            self._settlements.append(Settlement(tenant, sub_id, done, None, StatusUpdate(
+                sent=len(done), last_notification=now, last_success=now, status="ok")))

@@ -120,6 +120,7 @@ class SubscriptionIndex:
     def __init__(self) -> None:
         self.by_key: dict[tuple[str, str, str], tuple[Compiled, ...]] = {}
         self.all: dict[tuple[str, str], Compiled] = {}
+        self.periodic: dict[tuple[str, str], Compiled] = {}  # those with a timeInterval, matched by no change
 
     def keys_of(self, sub: Compiled) -> list[tuple[str, str, str]]:
         """The index keys under which a subscription is found."""
@@ -134,12 +135,15 @@ class SubscriptionIndex:
         """Index a subscription (replacing one with the same id)."""
         self.remove(sub.tenant, sub.id)
         self.all[(sub.tenant, sub.id)] = sub
+        if sub.periodic:
+            self.periodic[(sub.tenant, sub.id)] = sub
         for key in self.keys_of(sub):
             self.by_key[key] = self.by_key.get(key, ()) + (sub,)
 
     def remove(self, tenant: str, sub_id: str) -> Compiled | None:
         """Drop a subscription from the index."""
         old = self.all.pop((tenant, sub_id), None)
+        self.periodic.pop((tenant, sub_id), None)
         if old is not None:
             for key in self.keys_of(old):
                 remaining = tuple(s for s in self.by_key.get(key, ()) if s is not old)

@@ -149,8 +149,8 @@ class SubscriptionService:
         while True:
             await asyncio.sleep(0.2)
             now = time.monotonic()
-            for key, sub in list(self.index.all.items()):
-                if not sub.periodic or not sub.active():
+            for key, sub in list(self.index.periodic.items()):
+                if not sub.active():
                     continue
                 due = self._next_periodic.get(key)
                 if due is None:
@@ -165,8 +165,8 @@ class SubscriptionService:
                     log.exception("periodic notification of %s failed", sub.id)
 
     async def _periodic(self, sub: Compiled, interval: float) -> None:
-        lease = f"{sub.id}#periodic"
-        if not await self.store.acquire_lease(sub.tenant, lease, self.dispatcher.owner, interval * 0.9):
+        lease = (sub.tenant, f"{sub.id}#periodic")  # one process of those sharing the store sends each period
+        if not await self.store.acquire_leases(self.dispatcher.owner, [lease], interval * 0.9):
             return
         matched: dict[str, dict] = {}
         for entity_id, pattern, type_iri in sub.selectors:
