@@ -254,7 +254,7 @@ class Profiler:
         print(f"profile : {self.svg} (flame graph), {self.raw} (collapsed stacks)")
         try:
             print_hotspots(self.raw)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a summary is a courtesy; the raw file stays
             print(f"profile : could not summarise {self.raw}: {exc}")
 
 

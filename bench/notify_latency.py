@@ -22,7 +22,6 @@ import asyncio
 import multiprocessing
 import os
 import resource
-import subprocess
 import sys
 import time
 from pathlib import Path

@@ -132,7 +132,7 @@ def main() -> None:
     for name, res in results.items():
         if res is None:
             row(name, "", "FAILED", "", "", "")
-    print(f"\nWall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in elapsed.items()))
+    print("\nWall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in elapsed.items()))
 
 
 if __name__ == "__main__":

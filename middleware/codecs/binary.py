@@ -10,7 +10,7 @@ import orjson
 
 from middleware.devices.types import DecodeError
 from middleware.codecs.expressions import ExpressionError, evaluate
-from middleware.codecs.jsonpath import MISSING, resolve
+from middleware.codecs.jsonpath import resolve
 
 SIZES = {"int8": 1, "uint8": 1, "bool": 1, "int16": 2, "uint16": 2, "int24": 3, "uint24": 3, "int32": 4, "uint32": 4,
          "int64": 8, "uint64": 8, "float16": 2, "float32": 4, "float64": 8}

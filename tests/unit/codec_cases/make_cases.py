@@ -121,7 +121,6 @@ def main() -> None:
            "pf_l1": (0x1E, 0.98), "pf_l2": (0x20, 0.97), "pf_l3": (0x22, 0.99), "total_power": (0x34, 3626.0),
            "frequency": (0x46, 50.02), "import_kwh": (0x48, 12345.5), "export_kwh": (0x4A, 12.25), "total_kwh": (0x156, 12357.75)}
     block = {("input", a): order(struct.pack(">f", v), "ABCD") for a, v in sdm.values()}
-    v = {k: val for k, (_, val) in sdm.items()}
     case("sdm630", regs(block), "json", {"values": {
         "phaseVoltage": {"L1": 230.1, "L2": 231.2, "L3": 229.8}, "current": {"L1": 5.0, "L2": 4.5, "L3": 6.25},
         "activePower": {"L1": 1150.0, "L2": 1040.0, "L3": 1436.0}, "powerFactor": {"L1": 0.98, "L2": 0.97, "L3": 0.99},
