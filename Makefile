@@ -31,6 +31,7 @@ services:
 
 ## bench: the benchmarks under bench/ (print figures)
 bench: $(VENV)/.installed-test services
+	$(BIN)/pip install --quiet -e ".[bench]"
 	$(BIN)/python bench/run_all.py
 
 clean:
