@@ -93,6 +93,44 @@ def shared(topic: str, group: str | None) -> str:
     return f"$share/{group}/{topic}" if group else topic
 
 
+class _ReadBuffer:
+    """A socket read in 64 KiB chunks: paho asks for a packet in three or more tiny recv() calls."""
+
+    __slots__ = ("_sock", "_data", "_pos")
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._data = b""
+        self._pos = 0
+
+    def recv(self, size: int) -> bytes:
+        """Up to size bytes, from the buffer or else from one large read of the socket."""
+        if self._pos >= len(self._data):
+            data = self._sock.recv(65536)  # BlockingIOError / SSLWantReadError reach paho as before
+            if not data:
+                return data
+            self._data, self._pos = data, 0
+        start = self._pos
+        self._pos = min(start + size, len(self._data))
+        return self._data[start:self._pos]
+
+    def pending(self) -> int:
+        """Bytes readable without waiting; paho skips its select() wait while there are any."""
+        inner = self._sock.pending() if hasattr(self._sock, "pending") else 0
+        return len(self._data) - self._pos + inner
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+class _Client(mqtt.Client):
+    """paho's client with buffered socket reads."""
+
+    def _create_socket(self):
+        sock = super()._create_socket()
+        return sock if self._transport == "websockets" else _ReadBuffer(sock)
+
+
 class MqttAdapter:
     """One MQTT connection: subscribes (QoS 1, persistent session), emits Uplinks, publishes downlinks."""
 
@@ -116,9 +154,10 @@ class MqttAdapter:
         self._max_backlog = 5000
         self._running = False
         v5 = version == "5"
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
-                                  clean_session=None if v5 else False,
-                                  protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, manual_ack=True)
+        client_class = _Client if hasattr(mqtt.Client, "_create_socket") else mqtt.Client
+        self.client = client_class(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                                   clean_session=None if v5 else False,
+                                   protocol=mqtt.MQTTv5 if v5 else mqtt.MQTTv311, manual_ack=True)
         self._connect_properties = None
         if v5:
             self._connect_properties = Properties(PacketTypes.CONNECT)
