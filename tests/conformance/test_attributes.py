@@ -289,6 +289,41 @@ def test_partial_attribute_update_of_relationship_object(api):
     assert get(api)["owner"] == {"type": "Relationship", "object": "urn:ngsi-ld:Person:Bob"}
 
 
+def test_partial_attribute_update_of_members_only_keeps_the_value(api):
+    """5.6.4: a fragment without a value (unitCode, observedAt, sub-attributes) changes those and keeps the value."""
+    setup_vehicle(api, speed=prop(55, unitCode="KMH", accuracy=prop(0.9)))
+    body = {"unitCode": "MTS", "observedAt": "2024-03-14T13:00:00Z", "accuracy": prop(0.5)}
+    assert api.send_json("PATCH", f"{ATTRS}/speed", body).status_code == 204
+    assert get(api)["speed"] == prop(55, unitCode="MTS", observedAt="2024-03-14T13:00:00Z", accuracy=prop(0.5))
+
+
+def test_partial_attribute_update_of_members_only_keeps_a_relationship_object(api):
+    """5.6.4: the same for a Relationship: its object stays."""
+    setup_vehicle(api, owner={"type": "Relationship", "object": "urn:ngsi-ld:Person:Alice"})
+    body = {"observedAt": "2024-03-14T13:00:00Z"}
+    assert api.send_json("PATCH", f"{ATTRS}/owner", body).status_code == 204
+    assert get(api)["owner"] == {"type": "Relationship", "object": "urn:ngsi-ld:Person:Alice",
+                                 "observedAt": "2024-03-14T13:00:00Z"}
+
+
+def test_partial_attribute_update_accepts_merge_patch_json(api):
+    """6.3.4: PATCH bodies may be application/merge-patch+json."""
+    setup_vehicle(api)
+    got = api.send_json("PATCH", f"{ATTRS}/speed", {"value": 60}, content_type="application/merge-patch+json")
+    assert got.status_code == 204
+    got = api.send_json("PATCH", ATTRS, {"brand": prop("Kia")}, content_type="application/merge-patch+json")
+    assert got.status_code == 204
+    assert get(api)["speed"]["value"] == 60 and get(api)["brand"]["value"] == "Kia"
+
+
+def test_dataset_id_must_not_be_ngsi_ld_null(api):
+    """4.5.5 / 5.2.1: a datasetId is a URI naming an instance; urn:ngsi-ld:null is not one."""
+    setup_vehicle(api)
+    got = api.send_json("PATCH", f"{ATTRS}/speed", {"value": 1, "datasetId": "urn:ngsi-ld:null"})
+    assert_problem(got, 400, "BadRequestData")
+    assert get(api)["speed"] == prop(55, unitCode="KMH")
+
+
 def test_partial_attribute_update_of_unknown_attribute_is_404(api):
     """5.6.4.4: the target attribute does not exist -> ResourceNotFound."""
     setup_vehicle(api)

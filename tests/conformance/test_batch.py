@@ -155,6 +155,17 @@ def test_upsert_options_replace(api):
     assert get(api, 1) == {"id": eid(1), "type": "Car", "speed": 5}
 
 
+def test_concise_attributes_get_system_attributes_and_can_be_updated(api):
+    """4.5.x concise + 4.8: an attribute given as a bare value is a Property with createdAt/modifiedAt like any
+    other, so a later update (options=update) of it succeeds."""
+    assert api.post_json(f"{OPS}/create", [{"id": eid(1), "type": "Car", "speed": 3}]).status_code == 201
+    got = api.get(f"/entities/{eid(1)}", params={"options": "sysAttrs"}).json()
+    assert {"createdAt", "modifiedAt"} <= got["speed"].keys()
+    got = api.post_json(f"{OPS}/upsert", [{"id": eid(1), "type": "Car", "speed": 4}], params={"options": "update"})
+    assert got.status_code == 204, got.text
+    assert get(api, 1)["speed"] == 4
+
+
 def test_upsert_options_update(api):
     """5.6.8: options=update updates the given attributes and keeps the others."""
     api.post_json(f"{OPS}/create", [car(1, speed=1, colour="red")])

@@ -680,3 +680,13 @@ def test_content_type_with_charset_parameter_is_accepted(api):
                         headers={"Content-Type": "application/json; charset=utf-8"})
     assert response.status_code == 201
     assert get(api) == vehicle()
+
+
+def test_method_not_allowed_is_405_with_allow_header(api):
+    """6.3.2: an HTTP verb the resource does not support is 405 with an Allow header naming those it does."""
+    got = api.put("/entities", content=b"{}", headers={"Content-Type": "application/json"})
+    assert got.status_code == 405
+    assert {m.strip() for m in got.headers["Allow"].split(",")} == {"GET", "POST"}
+    got = api.post(f"/entities/{EID}", content=b"{}", headers={"Content-Type": "application/json"})
+    assert got.status_code == 405
+    assert {m.strip() for m in got.headers["Allow"].split(",")} == {"GET", "PUT", "PATCH", "DELETE"}

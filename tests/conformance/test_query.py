@@ -500,6 +500,12 @@ def test_count_with_limit_zero(many):
     assert got.headers["NGSILD-Results-Count"] == "7"
 
 
+def test_limit_zero_has_no_next_page_link(many):
+    """5.5.9 / 6.3.10: limit=0 asks only for the count; there is no next page to link."""
+    got = query(many, type="P", limit="0", count="true")
+    assert 'rel="next"' not in got.headers.get("Link", "")
+
+
 def test_count_zero_matches(many):
     """6.3.13: the count is 0 when nothing matches."""
     got = query(many, type="Nope", count="true")
@@ -606,3 +612,53 @@ def test_pages_link_to_next_and_previous(api):
     assert [e["id"] for e in last.json()] == ["urn:ngsi-ld:Page:4"]
     assert 'rel="next"' not in last.headers["Link"] and 'rel="prev"' in last.headers["Link"]
     assert 'rel="http://www.w3.org/ns/json-ld#context"' in last.headers["Link"]
+
+
+# --------------------------------------------------------------------------------------------- scopeQ (4.19)
+
+
+@pytest.fixture
+def scoped(api):
+    """Buildings in Madrid, its sub-scopes, Seoul, and one without a scope."""
+    create(api,
+           {"id": "urn:ngsi-ld:B:madrid", "type": "Building", "scope": "/Madrid"},
+           {"id": "urn:ngsi-ld:B:gardens", "type": "Building", "scope": "/Madrid/Gardens"},
+           {"id": "urn:ngsi-ld:B:rose", "type": "Building", "scope": "/Madrid/Gardens/Rose"},
+           {"id": "urn:ngsi-ld:B:both", "type": "Building", "scope": ["/Seoul/Gangnam", "/Madrid/Parks"]},
+           {"id": "urn:ngsi-ld:B:none", "type": "Building"})
+    return api
+
+
+@pytest.mark.parametrize("scope_q, expected", [
+    ("/Madrid", ["madrid"]),
+    ("/Madrid/#", ["both", "gardens", "madrid", "rose"]),
+    ("/Madrid/+", ["both", "gardens"]),
+    ("/Madrid/+/Rose", ["rose"]),
+    ("/#", ["both", "gardens", "madrid", "rose"]),
+    ("/Seoul/#;/Madrid/Parks", ["both"]),
+    ("/Nowhere", []),
+    ("/Madrid,/Seoul/Gangnam", ["both", "madrid"]),
+    ("(/Madrid/Gardens,/Madrid/Gardens/Rose);/Madrid/Gardens/#", ["gardens", "rose"]),
+])
+def test_scope_query(scoped, scope_q, expected):
+    """4.19: exact scopes, '+' one level, '#' any levels below (the scope itself included), ';' AND, ',' OR."""
+    got = query(scoped, type="Building", scopeQ=scope_q)
+    assert sorted(i.rsplit(":", 1)[1] for i in ids(got)) == expected
+
+
+def test_scope_query_alone_is_a_valid_query(scoped):
+    """5.7.2: scopeQ is a selection on its own."""
+    assert sorted(ids(query(scoped, scopeQ="/Madrid"))) == ["urn:ngsi-ld:B:madrid"]
+
+
+def test_scope_query_in_post_query(scoped):
+    """5.7.2 / 5.2.23: the Query data type's scopeQ."""
+    body = {"type": "Query", "entities": [{"type": "Building"}], "scopeQ": "/Madrid/Gardens/#"}
+    got = scoped.post_json("/entityOperations/query", body)
+    assert sorted(ids(got)) == ["urn:ngsi-ld:B:gardens", "urn:ngsi-ld:B:rose"]
+
+
+@pytest.mark.parametrize("scope_q", ["Madrid", "/", "/Madrid/#/x", "(/Madrid", "/Madrid;", "/a b"])
+def test_invalid_scope_query_is_bad_request_data(api, scope_q):
+    """4.19 / 5.5.2: a malformed scopeQ is BadRequestData."""
+    assert_error(query(api, type="Building", scopeQ=scope_q), 400, "BadRequestData")

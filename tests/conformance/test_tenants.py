@@ -143,3 +143,36 @@ def test_default_tenant_is_separate(api):
     assert api.get(f"/entities/{other}", headers={"NGSILD-Tenant": ""}).status_code == 200
     assert api.get(f"/entities/{other}", headers=th(t)).status_code == 404
     assert api.delete(f"/entities/{other}", headers={"NGSILD-Tenant": ""}).status_code == 204
+
+
+def test_writes_to_an_existing_entity_in_an_unknown_tenant_are_nonexistent_tenant(api):
+    """5.6.2-5.6.6, 5.6.17-19 / 5.5.2: operations that need an existing entity say NonexistentTenant, not 404 entity."""
+    eid = "urn:ngsi-ld:Thing:1"
+    attr = {"type": "Property", "value": 2}
+    json = {"Content-Type": "application/json"}
+    calls = [("PATCH", f"/entities/{eid}/attrs", {"v": attr}), ("POST", f"/entities/{eid}/attrs", {"v": attr}),
+             ("PATCH", f"/entities/{eid}/attrs/v", attr), ("PUT", f"/entities/{eid}/attrs/v", attr),
+             ("PATCH", f"/entities/{eid}", {"v": attr}), ("PUT", f"/entities/{eid}", {"type": "Thing", "v": attr}),
+             ("DELETE", f"/entities/{eid}/attrs/v", None), ("DELETE", f"/entities/{eid}", None)]
+    for method, path, body in calls:
+        content = orjson.dumps(body) if body is not None else None
+        got = api.request(method, path, content=content, headers={**json, **th(fresh())} if body else th(fresh()))
+        assert_nonexistent(got)
+
+
+def test_missing_entity_in_a_known_tenant_stays_resource_not_found(api):
+    """5.6.x: in a tenant that exists, a missing entity is ResourceNotFound."""
+    tenant = fresh()
+    assert create(api, tenant, entity("urn:ngsi-ld:Thing:1")).status_code == 201
+    got = api.request("PATCH", "/entities/urn:ngsi-ld:Thing:2/attrs/v", content=b'{"value": 3}',
+                      headers={"Content-Type": "application/json", **th(tenant)})
+    assert got.status_code == 404 and got.json()["type"] == ERR + "ResourceNotFound"
+
+
+def test_batch_operations_on_existing_entities_in_an_unknown_tenant_are_nonexistent_tenant(api):
+    """5.6.9 / 5.6.10 / 5.6.20 / 5.5.2: batch update, merge and delete in a tenant that does not exist."""
+    body = orjson.dumps([entity("urn:ngsi-ld:Thing:1")])
+    for path, content in [("/entityOperations/update", body), ("/entityOperations/merge", body),
+                          ("/entityOperations/delete", b'["urn:ngsi-ld:Thing:1"]')]:
+        got = api.post(path, content=content, headers={"Content-Type": "application/json", **th(fresh())})
+        assert_nonexistent(got)
