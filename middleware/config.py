@@ -21,6 +21,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(8 * 1024 * 1024, description="largest accepted request body; larger gets 413")
     default_limit: int = Field(20, description="page size of queries without limit=")
     max_limit: int = Field(1000, description="largest limit= accepted; larger gets 403 TooManyResults")
+    temporal_limit: int = Field(1000, description="most instances per attribute in one temporal response; more "
+                                "gives 206 Partial Content with a Content-Range (clause 6.3.10)")
     context_timeout: float = Field(5.0, description="seconds to wait for a remote @context")
     context_cache_ttl: float = Field(3600.0, description="seconds a fetched remote @context is kept")
     notify_timeout: float = Field(10.0, description="seconds to wait for a notification endpoint (unless its own timeout is set)")
@@ -42,6 +44,15 @@ class Settings(BaseSettings):
     profiles_dir: str = Field("device-profiles", description="folder of device profiles (*.yaml)")
     ingest_batch_max: int = Field(1000, description="most uplinks committed together in one batch")
     ingest_batch_wait: float = Field(0.02, description="seconds an uplink waits for others to fill its batch")
+    history: bool = Field(True, description="record every attribute change in the history table (the temporal API "
+                          "and InfluxDB forwarding read it)")
+    influx_url: str = Field("", description="InfluxDB 1.x to forward history to, e.g. http://127.0.0.1:8086 (empty: off)")
+    influx_database: str = Field("citybridge", description="InfluxDB database (created when missing)")
+    influx_retention_policy: str = Field("", description="InfluxDB retention policy (empty: the database default)")
+    influx_username: str = Field("", description="InfluxDB user (empty: no authentication)")
+    influx_password: str = Field("", description="InfluxDB password")
+    influx_tags: str = Field("", description="static tags added to every point: key=value,key=value")
+    influx_batch_size: int = Field(5000, description="most history rows sent to InfluxDB in one /write")
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:

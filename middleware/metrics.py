@@ -7,6 +7,7 @@ Other modules only call the tiny API below; they never touch prometheus-client t
     metrics.committed(42)           # 42 measurements reached the context store
     metrics.deadletter("decode-error: byte 3 out of range")   # counted under reason="decode-error"
     metrics.notification(ok=True)   # a notification was delivered (ok=False: it failed)
+    metrics.influx_points(500, ok=True)  # 500 history points written to InfluxDB (ok=False: rejected)
 
 Dead-letter reasons are free text; the label is the reason's code — the text before the first ':' when it is a short
 slug such as `unknown-device` or `decode-error`, else `other` — so the number of time series stays bounded.
@@ -30,6 +31,7 @@ UPLINKS = Counter("citybridge_uplinks", "Uplinks received from devices, per tran
 COMMITTED = Counter("citybridge_measurements_committed", "Measurements committed to the context store")
 DEADLETTERS = Counter("citybridge_deadletters", "Uplinks dead-lettered, per reason code", ["reason"])
 NOTIFICATIONS = Counter("citybridge_notifications", "Notifications sent to subscribers, per outcome", ["outcome"])
+INFLUX_POINTS = Counter("citybridge_influx_points", "History points sent to InfluxDB, per outcome", ["outcome"])
 
 _CODE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
@@ -61,6 +63,12 @@ def deadletter(reason: str) -> None:
 def notification(ok: bool) -> None:
     """Count one notification delivered (ok) or given up / failed (not ok)."""
     NOTIFICATIONS.labels(outcome="sent" if ok else "failed").inc()
+
+
+def influx_points(n: int, ok: bool) -> None:
+    """Count n history points written to InfluxDB (ok) or rejected by it as malformed (not ok)."""
+    if n > 0:
+        INFLUX_POINTS.labels(outcome="written" if ok else "rejected").inc(n)
 
 
 def registry() -> CollectorRegistry:

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from ..context.broker import Broker, Mutation
 from ..context.errors import BadRequestData, NgsiLdError
 from ..context.model import EntityParser, check_name, check_uri, now_iso
+from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
 from .common import Ctx, context_for, options_of, read_body
 from .entities import run_query
@@ -104,6 +105,7 @@ async def batch_upsert(request: Request) -> Response:
 async def batch_update(request: Request) -> Response:
     """Batch update (5.6.9), options=noOverwrite: 204 or 207 (missing entities are errors)."""
     body, ctx = await _batch_body(request)
+    await request.app.state.broker.check_tenant(ctx.tenant)  # these operations need existing entities
     no_overwrite = "noOverwrite" in options_of(request)
     fragments, errors = _parse_all(ctx, body, require_type=False)
     ops = [(f["id"], Broker.append_op(f, no_overwrite=no_overwrite, must_exist=True)) for f in fragments]
@@ -116,6 +118,7 @@ async def batch_update(request: Request) -> Response:
 async def batch_merge(request: Request) -> Response:
     """Batch merge (5.6.20): 204 or 207."""
     body, ctx = await _batch_body(request)
+    await request.app.state.broker.check_tenant(ctx.tenant)
     fragments, errors = _parse_all(ctx, body, allow_null=True)
     success, run_errors, _ = await _run(request, ctx, [(f["id"], Broker.merge_op(f)) for f in fragments])
     errors += run_errors
@@ -129,6 +132,7 @@ async def batch_delete(request: Request) -> Response:
     if not isinstance(body, list):
         raise BadRequestData("a batch delete body must be a JSON array of entity ids")
     ctx = await context_for(request, request.app.state.contexts)
+    await request.app.state.broker.check_tenant(ctx.tenant)
     ops: list[tuple[str, Mutation]] = []
     errors: list[dict] = []
     for item in body:
@@ -148,6 +152,11 @@ async def batch_query(request: Request) -> Response:
     if not isinstance(body, dict):
         raise BadRequestData("the query body must be a JSON object of type Query")
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    return await run_query(request, ctx, **query_selection(body, ctx))
+
+
+def query_selection(body: dict, ctx: Ctx) -> dict:
+    """The selection of a Query body (5.2.23) as keyword arguments of entities.run_query / select_entities."""
     if body.get("type") != "Query":
         raise BadRequestData("the query body must have \"type\": \"Query\"")
     selectors = body.get("entities")
@@ -167,20 +176,24 @@ async def batch_query(request: Request) -> Response:
         if not isinstance(geo_q, dict):
             raise BadRequestData("geoQ must be an object with georel, geometry and coordinates")
         geo = (geo_q.get("georel"), geo_q.get("geometry"), geo_q.get("coordinates"), geo_q.get("geoproperty"))
-    if not selectors and attrs is None and q is None and geo_q is None:
-        raise BadRequestData("a query needs entities, attrs, q or geoQ")
+    scope_q = body.get("scopeQ")
+    if scope_q is not None and not isinstance(scope_q, str):
+        raise BadRequestData("scopeQ must be a string")
+    in_scope = parse_scopeq(scope_q) if scope_q is not None else None
+    if not selectors and attrs is None and q is None and geo_q is None and scope_q is None:
+        raise BadRequestData("a query needs entities, attrs, q, geoQ or scopeQ")
     if not selectors:
-        return await run_query(request, ctx, ids=None, id_pattern=None, type_text=None, attrs=attrs, q_text=q, geo=geo)
+        return dict(ids=None, id_pattern=None, type_text=None, attrs=attrs, q_text=q, geo=geo, match=in_scope)
     if len(selectors) == 1:
         s = selectors[0]
         ids = [s["id"]] if "id" in s else None
-        return await run_query(request, ctx, ids=ids, id_pattern=None if ids else s.get("idPattern"),
-                               type_text=_type_text(s), attrs=attrs, q_text=q, geo=geo)
+        return dict(ids=ids, id_pattern=None if ids else s.get("idPattern"), type_text=_type_text(s), attrs=attrs,
+                    q_text=q, geo=geo, match=in_scope)
     tests = [_selector_test(s, ctx) for s in selectors]
     type_texts = [_type_text(s) for s in selectors]
     type_text = "|".join(f"({t})" for t in type_texts) if all(type_texts) else None
-    return await run_query(request, ctx, ids=None, id_pattern=None, type_text=type_text, attrs=attrs, q_text=q,
-                           geo=geo, match=lambda doc: any(test(doc) for test in tests))
+    return dict(ids=None, id_pattern=None, type_text=type_text, attrs=attrs, q_text=q, geo=geo,
+                match=lambda doc: any(test(doc) for test in tests) and (in_scope is None or in_scope(doc)))
 
 
 def _selector_test(selector: dict, ctx: Ctx):

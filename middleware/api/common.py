@@ -162,7 +162,7 @@ def respond(ctx: Ctx, payload: Any, *, status: int = 200, headers: dict | None =
 def page_links(request: Request, offset: int, limit: int, more: bool) -> dict:
     """Link header values rel="next" / rel="prev" for a page of results (clauses 5.5.9 and 6.3.10)."""
     links = []
-    if more:
+    if more and limit > 0:  # limit=0 asks for the count only: no page follows
         links.append(f'<{request.url.include_query_params(offset=offset + limit, limit=limit)}>; rel="next"')
     if offset > 0 and limit > 0:
         links.append(f'<{request.url.include_query_params(offset=max(0, offset - limit), limit=limit)}>; rel="prev"')

@@ -6,11 +6,12 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..context.broker import AttrReport, Broker
-from ..context.errors import BadRequestData, TooManyResults
+from ..context.broker import AttrReport, Broker, QueryResult
+from ..context.errors import BadRequestData, ResourceNotFound, TooManyResults
 from ..context.geo import parse_geoq
 from ..context.model import EntityParser, Renderer, check_name, check_uri, expand_types
 from ..context.query import parse_q
+from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
 from .common import GEOJSON, Ctx, context_for, int_param, options_of, page_links, read_body, respond, split_list
 
@@ -84,17 +85,32 @@ async def query_entities(request: Request) -> Response:
     ctx = await context_for(request, request.app.state.contexts, geojson=True)
     params = request.query_params
     geo_params = (params.get("georel"), params.get("geometry"), params.get("coordinates"))
-    selectors = [params.get(p) for p in ("id", "idPattern", "type", "attrs", "q")] + list(geo_params)
+    selectors = [params.get(p) for p in ("id", "idPattern", "type", "attrs", "q", "scopeQ")] + list(geo_params)
     if all(s is None for s in selectors) and params.get("local") != "true":
-        raise BadRequestData("a query needs at least one of id, idPattern, type, attrs, q or geoQ (or local=true)")
+        raise BadRequestData("a query needs at least one of id, idPattern, type, attrs, q, geoQ or scopeQ "
+                             "(or local=true)")
+    in_scope = parse_scopeq(params["scopeQ"]) if "scopeQ" in params else None
     return await run_query(request, ctx, ids=split_list(params.get("id")), id_pattern=params.get("idPattern"),
                            type_text=params.get("type"), attrs=attrs_param(request, ctx), q_text=params.get("q"),
-                           geo=(*geo_params, params.get("geoproperty")))
+                           geo=(*geo_params, params.get("geoproperty")), match=in_scope)
 
 
 async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, attrs, q_text, geo,
                     match=None) -> Response:
     """Validate the selection, run it (match: extra entity predicate), render the page (+ count when count=true)."""
+    renderer = renderer_for(request, ctx, attrs=attrs)
+    result, headers = await select_entities(request, ctx, ids=ids, id_pattern=id_pattern, type_text=type_text,
+                                            attrs=attrs, q_text=q_text, geo=geo, match=match)
+    rendered = [renderer.entity(doc) for doc in result.entities]
+    if ctx.accept == GEOJSON:
+        features = [as_geojson(request, ctx, r, d) for r, d in zip(rendered, result.entities)]
+        return respond(ctx, {"type": "FeatureCollection", "features": features}, headers=headers)
+    return respond(ctx, rendered, headers=headers)
+
+
+async def select_entities(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, attrs, q_text, geo,
+                          match=None) -> tuple[QueryResult, dict]:
+    """Validate a selection and run it on the current entities: the page (limit/offset/count) and its headers."""
     settings = request.app.state.settings
     limit = int_param(request, "limit", settings.default_limit)
     offset = int_param(request, "offset", 0)
@@ -108,17 +124,12 @@ async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, a
     q = parse_q(q_text, ctx.terms.expand) if q_text is not None else None
     georel, geometry, coordinates, geoproperty = geo
     geo_query = parse_geoq(georel, geometry, coordinates, geoproperty, ctx.terms.expand)
-    renderer = renderer_for(request, ctx, attrs=attrs)
     result = await _broker(request).query(ctx.tenant, ids=ids, id_pattern=id_pattern, types=types, attrs=attrs,
                                           q=q, geo=geo_query, scope=match, limit=limit, offset=offset, count=count)
     headers = page_links(request, offset, limit, result.more)
     if count:
         headers["NGSILD-Results-Count"] = str(result.total)
-    rendered = [renderer.entity(doc) for doc in result.entities]
-    if ctx.accept == GEOJSON:
-        features = [as_geojson(request, ctx, r, d) for r, d in zip(rendered, result.entities)]
-        return respond(ctx, {"type": "FeatureCollection", "features": features}, headers=headers)
-    return respond(ctx, rendered, headers=headers)
+    return result, headers
 
 
 @router.get("/entities/{entity_id}")
@@ -142,7 +153,7 @@ async def replace_entity(entity_id: str, request: Request) -> Response:
     body, media = await read_body(request)
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
     fragment = _fragment_for(ctx, entity_id, body, require_type=False)
-    await _broker(request).mutate_one(ctx.tenant, entity_id, Broker.replace_op(fragment, must_exist=True))
+    await _mutate_existing(request, ctx, entity_id, Broker.replace_op(fragment, must_exist=True))
     return Response(status_code=204)
 
 
@@ -153,7 +164,7 @@ async def merge_entity(entity_id: str, request: Request) -> Response:
     body, media = await read_body(request, merge_patch=True)
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
     fragment = _fragment_for(ctx, entity_id, body, require_type=False, allow_null=True)
-    await _broker(request).mutate_one(ctx.tenant, entity_id, Broker.merge_op(fragment))
+    await _mutate_existing(request, ctx, entity_id, Broker.merge_op(fragment))
     return Response(status_code=204)
 
 
@@ -162,9 +173,7 @@ async def delete_entity(entity_id: str, request: Request) -> Response:
     """Delete an entity (5.6.6): 204; 404 if absent."""
     check_uri(entity_id, "entity id")
     ctx = await context_for(request, request.app.state.contexts)
-    broker = _broker(request)
-    await broker.check_tenant(ctx.tenant)
-    await broker.mutate_one(ctx.tenant, entity_id, Broker.delete_op(entity_id))
+    await _mutate_existing(request, ctx, entity_id, Broker.delete_op(entity_id))
     return Response(status_code=204)
 
 
@@ -177,7 +186,7 @@ async def append_attributes(entity_id: str, request: Request) -> Response:
     fragment = _fragment_for(ctx, entity_id, body, require_type=False)
     no_overwrite = "noOverwrite" in options_of(request)
     op = Broker.append_op(fragment, no_overwrite=no_overwrite, must_exist=True)
-    report = await _broker(request).mutate_one(ctx.tenant, entity_id, op)
+    report = await _mutate_existing(request, ctx, entity_id, op)
     return _report_response(ctx, report)
 
 
@@ -185,11 +194,11 @@ async def append_attributes(entity_id: str, request: Request) -> Response:
 async def update_attributes(entity_id: str, request: Request) -> Response:
     """Update existing attributes (5.6.2): 204, or 207 listing those not updated."""
     check_uri(entity_id, "entity id")
-    body, media = await read_body(request)
+    body, media = await read_body(request, merge_patch=True)
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
     fragment = _fragment_for(ctx, entity_id, body, require_type=False, allow_null=True)
     op = Broker.append_op(fragment, no_overwrite=False, must_exist=True, only_existing=True)
-    report = await _broker(request).mutate_one(ctx.tenant, entity_id, op)
+    report = await _mutate_existing(request, ctx, entity_id, op)
     return _report_response(ctx, report)
 
 
@@ -208,14 +217,50 @@ async def replace_attribute(entity_id: str, attr: str, request: Request) -> Resp
 async def _attribute_write(entity_id: str, attr: str, request: Request, *, replace: bool) -> Response:
     check_uri(entity_id, "entity id")
     check_name(attr)
-    body, media = await read_body(request)
+    body, media = await read_body(request, merge_patch=not replace)
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k != "@context"}
-    instances = EntityParser(ctx.terms).attribute(attr, body, allow_null=not replace)
-    op = Broker.attr_patch_op(entity_id, ctx.terms.expand(attr), instances, replace=replace)
-    await _broker(request).mutate_one(ctx.tenant, entity_id, op)
+    name = ctx.terms.expand(attr)
+    if not replace and _only_sub_attributes(body):
+        op = _sub_attributes_patch_op(entity_id, name, EntityParser(ctx.terms), body)
+    else:
+        instances = EntityParser(ctx.terms).attribute(attr, body, allow_null=not replace)
+        op = Broker.attr_patch_op(entity_id, name, instances, replace=replace)
+    await _mutate_existing(request, ctx, entity_id, op)
     return Response(status_code=204)
+
+
+_INSTANCE_MEMBERS = frozenset({"datasetId", "observedAt", "unitCode", "objectType", "lang"})
+_VALUE_MEMBERS = frozenset({"type", "value", "object", "objectList", "languageMap", "valueList", "json", "vocab"})
+
+
+def _only_sub_attributes(body: Any) -> bool:
+    """True for a partial-update fragment that changes an instance's members but not its value (5.6.4)."""
+    return (isinstance(body, dict) and bool(body) and not _VALUE_MEMBERS & body.keys()
+            and all(key in _INSTANCE_MEMBERS or isinstance(value, dict) and _VALUE_MEMBERS & value.keys()
+                    for key, value in body.items()))
+
+
+def _sub_attributes_patch_op(entity_id: str, name: str, parser: EntityParser, body: dict):
+    """Merge sub-attributes and members (unitCode, observedAt, ...) into an instance, keeping its type and value."""
+    def fn(doc, now):
+        datasets = doc["attrs"].get(name, ()) if doc is not None else ()
+        match = next((old for old in datasets if old.get("datasetId") == body.get("datasetId")), None)
+        kind = match["type"] if match is not None else "Property"
+        value_key = {"Relationship": "object", "LanguageProperty": "languageMap", "ListProperty": "valueList",
+                     "ListRelationship": "objectList", "JsonProperty": "json", "VocabProperty": "vocab"}.get(kind, "value")
+        fragment = parser.instance(name, {**body, "type": kind, value_key: _placeholder(kind)}, allow_null=True)
+        del fragment[value_key]
+        return Broker.attr_patch_op(entity_id, name, [fragment], replace=False)(doc, now)
+    return fn
+
+
+def _placeholder(kind: str) -> Any:
+    """A valid value of an attribute kind, parsed with a fragment and then dropped."""
+    return {"GeoProperty": {"type": "Point", "coordinates": [0, 0]}, "Relationship": "urn:ngsi-ld:placeholder",
+            "LanguageProperty": {"en": "x"}, "ListProperty": [0], "ListRelationship": ["urn:ngsi-ld:placeholder"],
+            "JsonProperty": {}, "VocabProperty": "placeholder"}.get(kind, 0)
 
 
 @router.delete("/entities/{entity_id}/attrs/{attr}")
@@ -229,8 +274,18 @@ async def delete_attribute(entity_id: str, attr: str, request: Request) -> Respo
         check_uri(dataset_id, "datasetId")
     delete_all = request.query_params.get("deleteAll") == "true"
     op = Broker.attr_delete_op(entity_id, ctx.terms.expand(attr), dataset_id, delete_all)
-    await _broker(request).mutate_one(ctx.tenant, entity_id, op)
+    await _mutate_existing(request, ctx, entity_id, op)
     return Response(status_code=204)
+
+
+async def _mutate_existing(request: Request, ctx: Ctx, entity_id: str, op) -> Any:
+    """Run a mutation of an existing entity; its 404 is NonexistentTenant when the tenant itself is unknown."""
+    broker = _broker(request)
+    try:
+        return await broker.mutate_one(ctx.tenant, entity_id, op)
+    except ResourceNotFound:
+        await broker.check_tenant(ctx.tenant)
+        raise
 
 
 def _fragment_for(ctx: Ctx, entity_id: str, body: Any, *, require_type: bool, allow_null: bool = False) -> dict:

@@ -14,6 +14,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import orjson
 
+from ..history.recorder import record
 from ..store.base import Candidates, Change, Store, geo_entries
 from .errors import AlreadyExists, BadRequestData, NgsiLdError, NonexistentTenant, ResourceNotFound
 from .geo import GeoQuery
@@ -28,6 +29,7 @@ _BACKOFF_START, _BACKOFF_MAX = 0.001, 0.05  # seconds, doubled per conflict, wit
 Listener = Callable[[str, list[tuple[dict | None, dict | None]]], Awaitable[None]]
 Mutation = Callable[[dict | None, str], tuple[dict | None, Any]]
 Planner = Callable[[str, list[tuple[dict | None, dict | None]], str], list]
+Recorder = Callable[[list[tuple[dict | None, dict | None]], str], list]  # (events, now) -> history rows (issue 5)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Broker:
         self.listeners: list[Listener] = []
         self.planner: Planner | None = None  # decides, inside the write transaction, the outbox rows of a change
         self.on_outbox: Callable[[str, list], None] | None = None  # told after commit which rows were queued
+        self.recorder: Recorder | None = record  # history rows of a change, written in its transaction (issue 5)
 
     # ---------------------------------------------------------------- tenants
 
@@ -121,11 +124,14 @@ class Broker:
                 return results
             planned: list = []
 
-            def plan(conflicted: set, events=events, planned=planned, now=now) -> list:
+            recorded = self.recorder(events, now) if self.recorder is not None else []  # before the write locks
+
+            def plan(conflicted: set, events=events, planned=planned, now=now, recorded=recorded) -> list:
                 kept = [e for e in events if (e[0] or e[1])["id"] not in conflicted]
-                planned.extend(self.planner(tenant, kept, now) if kept else ())
-                return planned
-            conflicts = set(await self.store.write(tenant, changes, plan if self.planner is not None else None))
+                planned.extend(self.planner(tenant, kept, now) if kept and self.planner is not None else ())
+                return planned + [row for row in recorded if row.entity_id not in conflicted]
+            planning = self.planner is not None or self.recorder is not None
+            conflicts = set(await self.store.write(tenant, changes, plan if planning else None))
             if conflicts:
                 events = [e for e in events if (e[0] or e[1])["id"] not in conflicts]
             if planned and self.on_outbox is not None:
@@ -184,6 +190,7 @@ class Broker:
                 if must_exist:
                     raise ResourceNotFound(f"entity {fragment['id']} not found")
                 return new_entity(fragment, now), "created"
+            doc = editable(doc)
             report = AttrReport()
             for name, instances in fragment["attrs"].items():
                 existing = doc["attrs"].get(name)
@@ -206,7 +213,7 @@ class Broker:
                     deleted = {inst.get("datasetId") for inst in instances if _is_null(inst)}
                     existing = [old for old in existing if old.get("datasetId") not in deleted]
                     instances = [strip_nulls(inst) for inst in instances if not _is_null(inst)]
-                merged = put_instances(existing or [], instances, now)
+                merged = put_instances(existing or [], instances, now, stamped=fragment.get("stampedAt") == now)
                 if merged:
                     doc["attrs"][name] = merged
                 else:
@@ -221,6 +228,7 @@ class Broker:
             if report.updated or "type" in fragment:
                 doc["modifiedAt"] = now
             return doc, report
+        fn.builds_new = True
         return fn
 
     @staticmethod
@@ -229,6 +237,7 @@ class Broker:
         def fn(doc, now):
             if doc is None:
                 raise ResourceNotFound(f"entity {fragment['id']} not found")
+            doc = editable(doc)
             for name, instances in fragment["attrs"].items():
                 existing = doc["attrs"].get(name)
                 for inst in instances:
@@ -255,6 +264,7 @@ class Broker:
                 doc["scope"] = fragment["scope"]
             doc["modifiedAt"] = now
             return doc, None
+        fn.builds_new = True
         return fn
 
     @staticmethod
@@ -393,17 +403,33 @@ def new_entity(fragment: dict, now: str) -> dict:
     return doc
 
 
-def put_instances(existing: list[dict], instances: Iterable[dict], now: str) -> list[dict]:
-    """Replace the instances with the same datasetId (keeping their createdAt) and add the others."""
+def editable(doc: dict) -> dict:
+    """A copy of a stored entity with its own top level, type list and attrs mapping; instances stay shared (replace, never change them)."""
+    copy = dict(doc)
+    copy["type"] = list(doc["type"])
+    copy["attrs"] = dict(doc["attrs"])
+    return copy
+
+
+def put_instances(existing: list[dict], instances: Iterable[dict], now: str, *, stamped: bool = False) -> list[dict]:
+    """Replace the instances with the same datasetId (keeping their createdAt) and add the others.
+
+    stamped: the instances and their sub-attributes were built at now (a fragment parsed at now): only the
+    instance's own createdAt needs setting.
+    """
     result = list(existing)
     for inst in instances:
         dataset = inst.get("datasetId")
-        for position, old in enumerate(result):
-            if old.get("datasetId") == dataset:
-                result[position] = stamp(inst, now, old["createdAt"])
-                break
+        position = next((i for i, old in enumerate(result) if old.get("datasetId") == dataset), None)
+        created = result[position]["createdAt"] if position is not None else now
+        if stamped:
+            inst["createdAt"] = created
         else:
-            result.append(stamp(inst, now))
+            stamp(inst, now, created)
+        if position is None:
+            result.append(inst)
+        else:
+            result[position] = inst
     return result
 
 

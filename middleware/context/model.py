@@ -145,14 +145,20 @@ class EntityParser:
     def attributes(self, body: dict, *, allow_null: bool = False) -> dict[str, list[dict]]:
         """Validate the attribute members of a fragment; return {expanded name: [instances]}."""
         attrs: dict[str, list[dict]] = {}
+        expand = self.terms.expand
+        instance = self.instance
         for name, raw in body.items():
             if name in ENTITY_MEMBERS:
                 continue
-            check_name(name)
-            iri = self.terms.expand(name)
+            if name not in _VALID_NAMES:
+                check_name(name)
+            iri = expand(name)
             if iri in attrs:
                 raise BadRequestData(f"attribute {name!r} is given twice")
-            attrs[iri] = self.attribute(name, raw, allow_null=allow_null)
+            if isinstance(raw, list):
+                attrs[iri] = self.attribute(name, raw, allow_null=allow_null)
+            else:
+                attrs[iri] = [instance(name, raw, allow_null=allow_null)]
         return attrs
 
     def attribute(self, name: str, raw: Any, *, allow_null: bool = False) -> list[dict]:
@@ -170,28 +176,25 @@ class EntityParser:
 
     def instance(self, name: str, raw: Any, *, sub: bool = False, allow_null: bool = False) -> dict:
         """Validate one attribute instance (normalized or concise) into its stored form."""
-        if raw is None:
-            raise BadRequestData(f"attribute {name!r} must not be null")
-        if raw == NULL_URI:
-            if not allow_null:
-                raise BadRequestData(f"attribute {name!r}: urn:ngsi-ld:null is only allowed in merge and partial updates")
-            return {"type": "Property", "value": NULL_URI}
         if not isinstance(raw, dict):
-            return {"type": "Property", "value": raw}
+            if raw is None:
+                raise BadRequestData(f"attribute {name!r} must not be null")
+            if raw == NULL_URI and not allow_null:
+                raise BadRequestData(f"attribute {name!r}: urn:ngsi-ld:null is only allowed in merge and partial updates")
+            return self._property(raw)
         kind = raw.get("type")
-        if kind is None:
-            kind = _infer_kind(raw)
+        member = VALUE_MEMBER.get(kind)
+        if member is None:
             if kind is None:
-                return {"type": "Property", "value": raw}
-            if kind == "GeoProperty" and "value" not in raw:
+                kind = _infer_kind(raw)
+                if kind is None:
+                    return self._property(raw)
+            elif kind in GEOJSON_TYPES and "coordinates" in raw or kind == "GeometryCollection" and "geometries" in raw:
                 raw = {"type": "GeoProperty", "value": raw}
-        elif kind in GEOJSON_TYPES and "coordinates" in raw or kind == "GeometryCollection" and "geometries" in raw:
-            raw = {"type": "GeoProperty", "value": raw}
-            kind = "GeoProperty"
-        if kind not in ATTRIBUTE_TYPES:
-            raise BadRequestData(f"attribute {name!r} has an unknown type {kind!r}")
-        out: dict[str, Any] = {"type": kind}
-        member = VALUE_MEMBER[kind]
+                kind = "GeoProperty"
+            else:
+                raise BadRequestData(f"attribute {name!r} has an unknown type {kind!r}")
+            member = VALUE_MEMBER[kind]
         if member not in raw:
             raise BadRequestData(f"attribute {name!r} of type {kind} needs a {member!r} member")
         value = raw[member]
@@ -200,32 +203,42 @@ class EntityParser:
         if value == NULL_URI:
             if not allow_null:
                 raise BadRequestData(f"attribute {name!r}: urn:ngsi-ld:null is only allowed in merge and partial updates")
-            out[member] = NULL_URI
-        else:
-            out[member] = self._value(name, kind, value)
+        elif kind != "Property":
+            value = self._value(name, kind, value)
+        out: dict[str, Any] = {"type": kind, member: value}
         for key, item in raw.items():
-            if key == "type" or key == member:
-                continue
-            if key == "datasetId":
-                if sub:
-                    raise BadRequestData(f"sub-attribute {name!r} must not have a datasetId")
-                out["datasetId"] = check_uri(item, "datasetId", name)
-            elif key == "observedAt":
-                out["observedAt"] = check_datetime(item, "observedAt", name)
-            elif key == "unitCode":
-                if not isinstance(item, str) or not item:
-                    raise BadRequestData(f"unitCode of {name!r} must be a non-empty string")
-                out["unitCode"] = item
-            elif key == "objectType" and kind in ("Relationship", "ListRelationship"):
-                out["objectType"] = self.terms.expand(item) if isinstance(item, str) else item
-            elif key in CORE_MEMBERS:
-                continue  # system members and other value members are not taken from input
-            else:
-                check_name(key, "sub-attribute name")
+            action = _MEMBER_ACTION.get(key)
+            if action is None:
+                if key not in _VALID_NAMES:
+                    check_name(key, "sub-attribute name")
                 if allow_null and item == NULL_URI:
                     out[self.terms.expand(key)] = {"type": "Property", "value": NULL_URI}
                 else:
                     out[self.terms.expand(key)] = self.instance(key, item, sub=True, allow_null=allow_null)
+            elif action is _SKIP:
+                continue
+            elif action is _OBSERVED_AT:
+                out["observedAt"] = item if item.__class__ is str and item in _VALID_TIMES else \
+                    check_datetime(item, "observedAt", name)
+            elif action is _UNIT_CODE:
+                if not isinstance(item, str) or not item:
+                    raise BadRequestData(f"unitCode of {name!r} must be a non-empty string")
+                out["unitCode"] = item
+            elif action is _DATASET_ID:
+                if sub:
+                    raise BadRequestData(f"sub-attribute {name!r} must not have a datasetId")
+                if item == NULL_URI:
+                    raise BadRequestData(f"datasetId of {name!r} must not be urn:ngsi-ld:null")
+                out["datasetId"] = check_uri(item, "datasetId", name)
+            elif kind == "Relationship" or kind == "ListRelationship":  # objectType
+                out["objectType"] = self.terms.expand(item) if isinstance(item, str) else item
+        if self.now is not None:
+            out["createdAt"] = out["modifiedAt"] = self.now
+        return out
+
+    def _property(self, value: Any) -> dict:
+        """A concise Property instance (stamped like every instance the parser builds)."""
+        out = {"type": "Property", "value": value}
         if self.now is not None:
             out["createdAt"] = out["modifiedAt"] = self.now
         return out
@@ -269,9 +282,7 @@ class EntityParser:
                 raise BadRequestData(f"vocab of {name!r} must be a string or an array of strings")
             expanded = [self.terms.expand(v) for v in items]
             return expanded if isinstance(value, list) else expanded[0]
-        if isinstance(value, dict) and value.get("@type") in ("DateTime", "Date", "Time") and "@value" in value:
-            return value
-        return value
+        return value  # a Property's value may be any JSON value (instance() does not even call this for it)
 
     def _scope(self, value: Any) -> list[str]:
         items = value if isinstance(value, list) else [value]
@@ -279,6 +290,13 @@ class EntityParser:
             if not isinstance(item, str) or not re.match(r"^/[^\s/]+(/[^\s/]+)*$", item):
                 raise BadRequestData(f"invalid scope {item!r}: scopes look like /Madrid/Gardens")
         return items
+
+
+_SKIP, _DATASET_ID, _OBSERVED_AT, _UNIT_CODE, _OBJECT_TYPE = "skip", "datasetId", "observedAt", "unitCode", "objectType"
+# what instance() does with each core member of its input (any other key is a sub-attribute); the value member
+# and the system members are not taken from here, objectType only on relationships
+_MEMBER_ACTION = {**dict.fromkeys(CORE_MEMBERS, _SKIP), "datasetId": _DATASET_ID, "observedAt": _OBSERVED_AT,
+                  "unitCode": _UNIT_CODE, "objectType": _OBJECT_TYPE}
 
 
 def _looks_like_instance(item: dict) -> bool:

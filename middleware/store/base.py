@@ -49,7 +49,37 @@ class OutboxRow:
     payload: bytes
 
 
-Plan = Callable[[set], list[OutboxRow]]  # given the ids whose write conflicted, the outbox rows to add
+@dataclass(slots=True)
+class HistoryRow:
+    """One attribute instance as written (or deleted) by an accepted change: a point of the temporal evolution."""
+
+    entity_id: str
+    entity_type: str
+    attr: str
+    dataset_id: str                # '' for the default instance
+    kind: str                      # the instance's type (Property, GeoProperty, ...)
+    observed_at: int               # µs since the epoch: observedAt, else modifiedAt (deletedAt for deletions)
+    created_at: int                # µs: the instance's createdAt
+    modified_at: int               # µs: the instance's modifiedAt (deletedAt for deletions)
+    deleted: bool
+    instance: bytes                # the instance as JSON (stored form: expanded names)
+    seq: int | None = None         # assigned by the store
+
+
+@dataclass(slots=True)
+class HistoryQuery:
+    """What a temporal query reads: entities, attributes, a time range on one time column, a per-attribute cap."""
+
+    entity_ids: list[str]
+    attrs: set[str] | None = None
+    timeproperty: str = "observedAt"   # observedAt | createdAt | modifiedAt
+    start: int | None = None           # µs, inclusive
+    end: int | None = None             # µs, exclusive
+    newest_first: bool = False
+    per_attr: int | None = None        # at most this many rows per (entity, attribute), in the chosen order
+
+
+Plan = Callable[[set], list[OutboxRow | HistoryRow]]  # given the ids whose write conflicted, the rows to add
 Keep = Callable[[dict], bool]  # the exact filter a query applies to each prefiltered entity
 
 
@@ -117,7 +147,7 @@ class Store(Protocol):
         """The stored entities with these ids (missing ids are absent from the result)."""
 
     async def write(self, tenant: str, changes: list[Change], plan: Plan | None = None) -> list[str]:
-        """Apply changes and the outbox rows plan() makes, in one transaction; return the ids whose version check failed."""
+        """Apply changes and the outbox and history rows plan() makes, in one transaction; return the ids whose version check failed."""
 
     async def query(self, tenant: str, candidates: Candidates, keep: Keep | None = None,
                     stop_after: int | None = None) -> list[dict]:
@@ -161,6 +191,18 @@ class Store(Protocol):
 
     async def release_leases(self, owner: str, keys: list[tuple[str, str]]) -> None:
         """Give delivery leases back."""
+
+    async def history(self, tenant: str, query: HistoryQuery) -> list[HistoryRow]:
+        """History rows matching the query, grouped by entity and attribute, in time order (newest first if asked)."""
+
+    async def history_after(self, after: int, limit: int) -> list[tuple[str, HistoryRow]]:
+        """(tenant, row) of the history rows of every tenant with seq > after, in seq order."""
+
+    async def get_cursor(self, name: str) -> int:
+        """The seq a history consumer has handled up to (0 before its first run)."""
+
+    async def set_cursor(self, name: str, seq: int) -> None:
+        """Persist the seq a history consumer has handled up to."""
 
 
 # ---------------------------------------------------------------- device registry and dead letters (issue 4)

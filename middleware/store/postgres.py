@@ -13,6 +13,7 @@ import orjson
 
 from .base import Candidates, Change, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
 from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
+from .base import HistoryQuery, HistoryRow  # history (issue 5)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
@@ -48,6 +49,13 @@ CREATE TABLE IF NOT EXISTS deadletters(seq BIGSERIAL PRIMARY KEY, time DOUBLE PR
     transport TEXT NOT NULL, topic TEXT NOT NULL, address TEXT NOT NULL, tenant TEXT, device_id TEXT,
     reason TEXT NOT NULL, payload_b64 TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS deadletters_tenant ON deadletters(tenant, seq);
+-- history (issue 5): one row per attribute instance written or deleted, µs timestamps
+CREATE TABLE IF NOT EXISTS history(seq BIGSERIAL PRIMARY KEY, tenant TEXT NOT NULL, entity_id TEXT NOT NULL,
+    entity_type TEXT NOT NULL, attr TEXT NOT NULL, dataset_id TEXT NOT NULL, kind TEXT NOT NULL,
+    observed_at BIGINT NOT NULL, created_at BIGINT NOT NULL, modified_at BIGINT NOT NULL,
+    deleted BOOLEAN NOT NULL, instance BYTEA NOT NULL);
+CREATE INDEX IF NOT EXISTS history_observed ON history(tenant, entity_id, attr, observed_at);
+CREATE TABLE IF NOT EXISTS history_cursors(name TEXT PRIMARY KEY, seq BIGINT NOT NULL);
 """
 
 
@@ -156,8 +164,10 @@ class PostgresStore:
                         tenant, [r[0] for r in geo_rows], [r[1] for r in geo_rows], [r[2] for r in geo_rows])
                 if plan is not None:
                     rows = plan(set(conflicts))
-                    if rows:
-                        await self._insert_outbox(conn, tenant, rows)
+                    outbox = [row for row in rows if isinstance(row, OutboxRow)]
+                    if outbox:
+                        await self._insert_outbox(conn, tenant, outbox)
+                    await _insert_history(conn, tenant, [row for row in rows if isinstance(row, HistoryRow)])
         return conflicts
 
     @staticmethod
@@ -498,6 +508,23 @@ class PostgresStore:
                                          "ORDER BY seq DESC LIMIT 1 OFFSET $1)", keep)
         return int(status.split()[-1])
 
+    async def history(self, tenant: str, query: HistoryQuery) -> list[HistoryRow]:
+        """History rows matching the query (see the history section at the end of this module)."""
+        return await _read_history(self.pool, tenant, query)
+
+    async def history_after(self, after: int, limit: int) -> list[tuple[str, HistoryRow]]:
+        """(tenant, row) of the history rows of every tenant with seq > after, in seq order (history section)."""
+        return await _history_after(self.pool, after, limit)
+
+    async def get_cursor(self, name: str) -> int:
+        """The seq a history consumer has handled up to (0 before its first run)."""
+        return await self.pool.fetchval("SELECT seq FROM history_cursors WHERE name=$1", name) or 0
+
+    async def set_cursor(self, name: str, seq: int) -> None:
+        """Persist the seq a history consumer has handled up to."""
+        await self.pool.execute("INSERT INTO history_cursors(name, seq) VALUES ($1, $2) "
+                                "ON CONFLICT(name) DO UPDATE SET seq=excluded.seq", name, seq)
+
 _SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
                "delivery_status FROM subscriptions")
 
@@ -530,3 +557,55 @@ def _registry_filter(tenant: str, service_path: str | None, **equal: str | None)
             params.append(value)
             clauses.append(f"{column}=${len(params)}")
     return " WHERE " + " AND ".join(clauses), params
+
+
+# ---------------------------------------------------------------- history (issue 5)
+
+_TIME_COLUMNS = {"observedAt": "observed_at", "createdAt": "created_at", "modifiedAt": "modified_at"}
+_HISTORY_COLUMNS = ("entity_id, entity_type, attr, dataset_id, kind, observed_at, created_at, modified_at, deleted, "
+                    "instance, seq")
+
+
+async def _insert_history(conn: asyncpg.Connection, tenant: str, rows: list[HistoryRow]) -> None:
+    """Append history rows inside the caller's transaction (one statement)."""
+    if rows:
+        await conn.execute(
+            "INSERT INTO history(tenant, entity_id, entity_type, attr, dataset_id, kind, observed_at, created_at, "
+            "modified_at, deleted, instance) SELECT $1, u.* FROM unnest($2::text[], $3::text[], $4::text[], $5::text[], "
+            "$6::text[], $7::bigint[], $8::bigint[], $9::bigint[], $10::boolean[], $11::bytea[]) AS u",
+            tenant, [r.entity_id for r in rows], [r.entity_type for r in rows], [r.attr for r in rows],
+            [r.dataset_id for r in rows], [r.kind for r in rows], [r.observed_at for r in rows],
+            [r.created_at for r in rows], [r.modified_at for r in rows], [r.deleted for r in rows],
+            [r.instance for r in rows])
+
+
+async def _read_history(pool: asyncpg.Pool, tenant: str, query: HistoryQuery) -> list[HistoryRow]:
+    """The rows of a history query, per (entity, attribute) in time order, at most query.per_attr of each."""
+    column = _TIME_COLUMNS[query.timeproperty]
+    order = "DESC" if query.newest_first else "ASC"
+    clauses = ["tenant = $1", "entity_id = ANY($2::text[])"]
+    params: list = [tenant, query.entity_ids]
+    if query.attrs is not None:
+        params.append(sorted(query.attrs))
+        clauses.append(f"attr = ANY(${len(params)}::text[])")
+    if query.start is not None:
+        params.append(query.start)
+        clauses.append(f"{column} >= ${len(params)}")
+    if query.end is not None:
+        params.append(query.end)
+        clauses.append(f"{column} < ${len(params)}")
+    ranked = (f"SELECT {_HISTORY_COLUMNS}, row_number() OVER (PARTITION BY entity_id, attr "
+              f"ORDER BY {column} {order}, seq {order}) AS rank FROM history WHERE {' AND '.join(clauses)}")
+    sql = f"SELECT {_HISTORY_COLUMNS} FROM ({ranked}) ranked"
+    if query.per_attr is not None:
+        params.append(query.per_attr)
+        sql += f" WHERE rank <= ${len(params)}"
+    sql += f" ORDER BY entity_id, attr, {column} {order}, seq {order}"
+    return [HistoryRow(*row) for row in await pool.fetch(sql, *params)]
+
+
+async def _history_after(pool: asyncpg.Pool, after: int, limit: int) -> list[tuple[str, HistoryRow]]:
+    """Rows of every tenant after a seq, oldest first, for consumers such as the InfluxDB forwarder."""
+    rows = await pool.fetch(f"SELECT tenant, {_HISTORY_COLUMNS} FROM history WHERE seq > $1 ORDER BY seq LIMIT $2",
+                            after, limit)
+    return [(row[0], HistoryRow(*tuple(row)[1:])) for row in rows]

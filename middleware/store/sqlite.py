@@ -11,6 +11,7 @@ import orjson
 
 from .base import Candidates, Change, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
 from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
+from .base import HistoryQuery, HistoryRow  # history (issue 5)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
@@ -41,6 +42,13 @@ CREATE TABLE IF NOT EXISTS deadletters(seq INTEGER PRIMARY KEY, time REAL NOT NU
     topic TEXT NOT NULL, address TEXT NOT NULL, tenant TEXT, device_id TEXT, reason TEXT NOT NULL,
     payload_b64 TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS deadletters_tenant ON deadletters(tenant, seq);
+-- history (issue 5): one row per attribute instance written or deleted, µs timestamps
+CREATE TABLE IF NOT EXISTS history(seq INTEGER PRIMARY KEY, tenant TEXT NOT NULL, entity_id TEXT NOT NULL,
+    entity_type TEXT NOT NULL, attr TEXT NOT NULL, dataset_id TEXT NOT NULL, kind TEXT NOT NULL,
+    observed_at INTEGER NOT NULL, created_at INTEGER NOT NULL, modified_at INTEGER NOT NULL,
+    deleted INTEGER NOT NULL, instance TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS history_observed ON history(tenant, entity_id, attr, observed_at);
+CREATE TABLE IF NOT EXISTS history_cursors(name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
 
 _CHUNK = 500  # SQLite's default limit on host parameters is 32766; keep IN lists well below
@@ -128,15 +136,15 @@ class SqliteStore:
         stale_types: list[tuple] = []
         geo_rows: list[tuple] = []
         stale_geo: list[tuple] = []
-        dumps = orjson.dumps
+        docs = [orjson.dumps(change.doc) if change.doc is not None else None for change in changes]  # before locking
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", (tenant,))
-            for change in changes:
+            for change, doc in zip(changes, docs):
                 if change.kind == "insert":
                     cur = conn.execute(
                         "INSERT INTO entities(tenant, id, version, doc) VALUES (?,?,1,?) ON CONFLICT DO NOTHING",
-                        (tenant, change.id, dumps(change.doc)))
+                        (tenant, change.id, doc))
                     if cur.rowcount == 0:
                         conflicts.append(change.id)
                         continue
@@ -146,7 +154,7 @@ class SqliteStore:
                 elif change.kind == "update":
                     row = conn.execute(
                         "UPDATE entities SET version=version+1, doc=? WHERE tenant=? AND id=? AND version=? RETURNING seq",
-                        (dumps(change.doc), tenant, change.id, change.version)).fetchone()
+                        (doc, tenant, change.id, change.version)).fetchone()
                     if row is None:
                         conflicts.append(change.id)
                         continue
@@ -155,8 +163,10 @@ class SqliteStore:
                         stale_types.extend((tenant, t, seq) for t in change.old_types)
                         type_rows.extend((tenant, t, seq) for t in change.types)
                     if change.geo != change.old_geo:
-                        stale_geo.extend((seq * _GEO_SLOTS + k,) for k in range(len(change.old_geo)))
-                        geo_rows.extend(_geo_rows(tenant, seq, change.geo))
+                        # the new entries replace the old ones slot by slot; only surplus old slots are deleted
+                        fresh = _geo_rows(tenant, seq, change.geo)
+                        stale_geo.extend((seq * _GEO_SLOTS + k,) for k in range(len(fresh), len(change.old_geo)))
+                        geo_rows.extend(fresh)
                 else:
                     query = "DELETE FROM entities WHERE tenant=? AND id=?"
                     params: tuple = (tenant, change.id)
@@ -177,13 +187,16 @@ class SqliteStore:
             if stale_geo:
                 conn.executemany("DELETE FROM geo_rtree WHERE gid=?", stale_geo)
             if geo_rows:
-                conn.executemany("INSERT INTO geo_rtree(gid, min_x, max_x, min_y, max_y, tenant, attr) "
+                # REPLACE: an R*Tree rewrites a slot in place for less than a delete plus an insert
+                conn.executemany("INSERT OR REPLACE INTO geo_rtree(gid, min_x, max_x, min_y, max_y, tenant, attr) "
                                  "VALUES (?,?,?,?,?,?,?)", geo_rows)
             if plan is not None:
                 rows = plan(set(conflicts))
-                if rows:
+                outbox = [row for row in rows if isinstance(row, OutboxRow)]
+                if outbox:
                     conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",
-                                     [(tenant, row.subscription_id, row.payload) for row in rows])
+                                     [(tenant, row.subscription_id, row.payload) for row in outbox])
+                _insert_history(conn, tenant, [row for row in rows if isinstance(row, HistoryRow)])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -563,6 +576,27 @@ class SqliteStore:
             return cur.rowcount
         return await self._write_op(run)
 
+    async def history(self, tenant: str, query: HistoryQuery) -> list[HistoryRow]:
+        """History rows matching the query (see the history section at the end of this module)."""
+        return await self._read(_read_history, self._rconn, tenant, query)
+
+    async def history_after(self, after: int, limit: int) -> list[tuple[str, HistoryRow]]:
+        """(tenant, row) of the history rows of every tenant with seq > after, in seq order (history section)."""
+        return await self._read(_history_after, self._rconn, after, limit)
+
+    async def get_cursor(self, name: str) -> int:
+        """The seq a history consumer has handled up to (0 before its first run)."""
+        def run():
+            row = self._rconn.execute("SELECT seq FROM history_cursors WHERE name=?", (name,)).fetchone()
+            return row[0] if row else 0
+        return await self._read(run)
+
+    async def set_cursor(self, name: str, seq: int) -> None:
+        """Persist the seq a history consumer has handled up to."""
+        await self._write_op(lambda conn: conn.execute(
+            "INSERT INTO history_cursors(name, seq) VALUES (?,?) ON CONFLICT(name) DO UPDATE SET seq=excluded.seq",
+            (name, seq)))
+
 _SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
                "delivery_status FROM subscriptions")
 
@@ -621,3 +655,56 @@ def _registry_filter(tenant: str, service_path: str | None, **equal: str | None)
             clauses.append(f"{column}=?")
             params.append(value)
     return " WHERE " + " AND ".join(clauses), params
+
+
+# ---------------------------------------------------------------- history (issue 5)
+
+_TIME_COLUMNS = {"observedAt": "observed_at", "createdAt": "created_at", "modifiedAt": "modified_at"}
+_HISTORY_COLUMNS = ("entity_id, entity_type, attr, dataset_id, kind, observed_at, created_at, modified_at, deleted, "
+                    "instance, seq")
+
+
+def _insert_history(conn: sqlite3.Connection, tenant: str, rows: list[HistoryRow]) -> None:
+    """Append history rows inside the caller's transaction."""
+    if rows:
+        conn.executemany("INSERT INTO history(tenant, entity_id, entity_type, attr, dataset_id, kind, observed_at, "
+                         "created_at, modified_at, deleted, instance) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                         [(tenant, r.entity_id, r.entity_type, r.attr, r.dataset_id, r.kind, r.observed_at,
+                           r.created_at, r.modified_at, int(r.deleted), r.instance) for r in rows])
+
+
+def _read_history(conn: sqlite3.Connection, tenant: str, query: HistoryQuery) -> list[HistoryRow]:
+    """The rows of a history query, per (entity, attribute) in time order, at most query.per_attr of each."""
+    column = _TIME_COLUMNS[query.timeproperty]
+    order = "DESC" if query.newest_first else "ASC"
+    out: list[HistoryRow] = []
+    for start in range(0, len(query.entity_ids), _CHUNK):
+        chunk = query.entity_ids[start:start + _CHUNK]
+        clauses = [f"tenant=? AND entity_id IN ({','.join('?' * len(chunk))})"]
+        params: list = [tenant, *chunk]
+        if query.attrs is not None:
+            clauses.append(f"attr IN ({','.join('?' * len(query.attrs))})")
+            params.extend(sorted(query.attrs))
+        if query.start is not None:
+            clauses.append(f"{column} >= ?")
+            params.append(query.start)
+        if query.end is not None:
+            clauses.append(f"{column} < ?")
+            params.append(query.end)
+        ranked = (f"SELECT {_HISTORY_COLUMNS}, row_number() OVER (PARTITION BY entity_id, attr "
+                  f"ORDER BY {column} {order}, seq {order}) AS rank FROM history WHERE {' AND '.join(clauses)}")
+        sql = f"SELECT {_HISTORY_COLUMNS} FROM ({ranked})"
+        if query.per_attr is not None:
+            sql += " WHERE rank <= ?"
+            params.append(query.per_attr)
+        sql += f" ORDER BY entity_id, attr, {column} {order}, seq {order}"
+        out.extend(HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], bool(r[8]), r[9], r[10])
+                   for r in conn.execute(sql, params))
+    return out
+
+
+def _history_after(conn: sqlite3.Connection, after: int, limit: int) -> list[tuple[str, HistoryRow]]:
+    """Rows of every tenant after a seq, oldest first, for consumers such as the InfluxDB forwarder."""
+    rows = conn.execute(f"SELECT tenant, {_HISTORY_COLUMNS} FROM history WHERE seq > ? ORDER BY seq LIMIT ?",
+                        (after, limit))
+    return [(r[0], HistoryRow(r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], bool(r[9]), r[10], r[11])) for r in rows]

@@ -121,6 +121,8 @@ class SubscriptionIndex:
         self.by_key: dict[tuple[str, str, str], tuple[Compiled, ...]] = {}
         self.all: dict[tuple[str, str], Compiled] = {}
         self.periodic: dict[tuple[str, str], Compiled] = {}  # those with a timeInterval, matched by no change
+        self.per_tenant: dict[str, int] = {}  # subscriptions per tenant
+        self.by_attr_only: dict[str, int] = {}  # per tenant, those found only by watched attribute (no entities)
 
     def keys_of(self, sub: Compiled) -> list[tuple[str, str, str]]:
         """The index keys under which a subscription is found."""
@@ -135,6 +137,9 @@ class SubscriptionIndex:
         """Index a subscription (replacing one with the same id)."""
         self.remove(sub.tenant, sub.id)
         self.all[(sub.tenant, sub.id)] = sub
+        self.per_tenant[sub.tenant] = self.per_tenant.get(sub.tenant, 0) + 1
+        if not sub.selectors:
+            self.by_attr_only[sub.tenant] = self.by_attr_only.get(sub.tenant, 0) + 1
         if sub.periodic:
             self.periodic[(sub.tenant, sub.id)] = sub
         for key in self.keys_of(sub):
@@ -145,6 +150,9 @@ class SubscriptionIndex:
         old = self.all.pop((tenant, sub_id), None)
         self.periodic.pop((tenant, sub_id), None)
         if old is not None:
+            self.per_tenant[tenant] -= 1
+            if not old.selectors:
+                self.by_attr_only[tenant] -= 1
             for key in self.keys_of(old):
                 remaining = tuple(s for s in self.by_key.get(key, ()) if s is not old)
                 if remaining:
@@ -300,13 +308,19 @@ class Planner:
 
     def __call__(self, tenant: str, events: list[Event], now: str) -> list[OutboxRow]:
         """Outbox rows for these events (called inside the store transaction)."""
+        index = self.index
+        if not index.per_tenant.get(tenant):
+            return []  # no subscriptions: no change needs comparing
+        by_attr = bool(index.by_attr_only.get(tenant))
         per_sub: dict[int, tuple[Compiled, list[dict]]] = {}
         clock = time.monotonic()
         for old, new in events:
             doc = new if new is not None else old
+            if not by_attr and not index.candidates(tenant, doc, ()):
+                continue  # nobody watches this entity's id or types
             changes = attribute_changes(old, new)
             touched = changes[0] | changes[1] | changes[2]
-            for sub in self.index.candidates(tenant, doc, touched):
+            for sub in index.candidates(tenant, doc, touched):
                 if sub.periodic or not sub.active() or not sub.selects(doc):
                     continue
                 if trigger_of(sub, old, new, changes) is None or not sub.filters(doc):
