@@ -9,31 +9,60 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..context.broker import Broker, Mutation
-from ..context.errors import BadRequestData, NgsiLdError
+from ..context.errors import BadRequestData, LdContextNotAvailable, NgsiLdError
 from ..context.model import EntityParser, check_name, check_uri, now_iso
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
-from .common import Ctx, context_for, options_of, read_body
+from .common import JSONLD, Ctx, context_for, options_of, read_body
 from .entities import run_query
 
 router = APIRouter(prefix="/ngsi-ld/v1/entityOperations")
 
 
-async def _batch_body(request: Request) -> tuple[list, Ctx]:
+async def _batch_body(request: Request) -> tuple[list[tuple[Any, Ctx]], Ctx, list[dict]]:
+    """The entities of a batch body, each with the Ctx of its own @context (application/ld+json lets every entity
+    bring one); an @context that cannot be fetched fails only its entities (207). Returns (pairs, ctx, errors)."""
     body, media = await read_body(request)
     if not isinstance(body, list):
         raise BadRequestData("a batch body must be a JSON array")
-    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
-    return body, ctx
-
-
-def _parse_all(ctx: Ctx, body: list, *, allow_null: bool = False, require_type: bool = True,
-               now: str | None = None) -> tuple[list[dict], list[dict]]:
-    """Validate each entity (stamped with now, if given); return (fragments, error entries) so one bad entity fails alone."""
-    parser = EntityParser(ctx.terms, now)
-    fragments: list[dict] = []
+    resolver = request.app.state.contexts
+    if media != JSONLD or not body:
+        ctx = await context_for(request, resolver, body=body, media=media)
+        return [(item, ctx) for item in body], ctx, []
+    by_context: dict[bytes, Ctx | LdContextNotAvailable] = {}
+    pairs: list[tuple[Any, Ctx]] = []
     errors: list[dict] = []
     for item in body:
+        key = orjson.dumps(item.get("@context")) if isinstance(item, dict) else b"null"
+        if key not in by_context:
+            try:
+                by_context[key] = await context_for(request, resolver, body=item, media=media)
+            except LdContextNotAvailable as failure:
+                by_context[key] = failure
+        found = by_context[key]
+        if isinstance(found, LdContextNotAvailable):
+            errors.append({"entityId": _id_of(item), "error": found.problem()})
+        else:
+            pairs.append((item, found))
+    ctx = pairs[0][1] if pairs else await context_for(request, resolver)
+    return pairs, ctx, errors
+
+
+def _id_of(item: Any) -> str | None:
+    """The id of a batch item, if it has a string one (for its error entry)."""
+    return item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
+
+
+def _parse_all(pairs: list[tuple[Any, Ctx]], *, allow_null: bool = False, require_type: bool = True,
+               now: str | None = None) -> tuple[list[dict], list[dict]]:
+    """Validate each entity (stamped with now, if given); return (fragments, error entries) so one bad entity fails alone."""
+    parsers: dict[int, EntityParser] = {}
+    fragments: list[dict] = []
+    errors: list[dict] = []
+    for item, ctx in pairs:
+        parser = parsers.get(id(ctx))
+        if parser is None:
+            parser = parsers[id(ctx)] = EntityParser(ctx.terms, now)
         try:
             if allow_null:
                 head = {k: v for k, v in item.items() if k in ("id", "type", "scope")} if isinstance(item, dict) else item
@@ -43,8 +72,7 @@ def _parse_all(ctx: Ctx, body: list, *, allow_null: bool = False, require_type: 
                 fragment = parser.entity(item, require_type=require_type)
             fragments.append(fragment)
         except NgsiLdError as error:
-            entity_id = item.get("id") if isinstance(item, dict) and isinstance(item.get("id"), str) else None
-            errors.append({"entityId": entity_id, "error": error.problem()})
+            errors.append({"entityId": _id_of(item), "error": error.problem()})
     return fragments, errors
 
 
@@ -68,9 +96,10 @@ def _multi_status(ctx: Ctx, success: list[str], errors: list[dict]) -> Response:
 @router.post("/create")
 async def batch_create(request: Request) -> Response:
     """Batch create (5.6.7): 201 with the created ids, or 207."""
-    body, ctx = await _batch_body(request)
+    pairs, ctx, errors = await _batch_body(request)
     now = now_iso()
-    fragments, errors = _parse_all(ctx, body, now=now)
+    fragments, parse_errors = _parse_all(pairs, now=now)
+    errors += parse_errors
     success, run_errors, _ = await _run(request, ctx, [(f["id"], Broker.create_op(f)) for f in fragments], now)
     errors += run_errors
     if errors:
@@ -81,12 +110,13 @@ async def batch_create(request: Request) -> Response:
 @router.post("/upsert")
 async def batch_upsert(request: Request) -> Response:
     """Batch upsert (5.6.8), options=replace (default) or update: 201 with created ids, 204 if none created, or 207."""
-    body, ctx = await _batch_body(request)
+    pairs, ctx, errors = await _batch_body(request)
     options = options_of(request)
     if {"replace", "update"} <= options:
         raise BadRequestData("options replace and update exclude each other")
     now = now_iso()
-    fragments, errors = _parse_all(ctx, body, now=now)
+    fragments, parse_errors = _parse_all(pairs, now=now)
+    errors += parse_errors
     if "update" in options:
         ops = [(f["id"], Broker.append_op(f, no_overwrite=False, must_exist=False)) for f in fragments]
     else:
@@ -104,10 +134,11 @@ async def batch_upsert(request: Request) -> Response:
 @router.post("/update")
 async def batch_update(request: Request) -> Response:
     """Batch update (5.6.9), options=noOverwrite: 204 or 207 (missing entities are errors)."""
-    body, ctx = await _batch_body(request)
+    pairs, ctx, errors = await _batch_body(request)
     await request.app.state.broker.check_tenant(ctx.tenant)  # these operations need existing entities
     no_overwrite = "noOverwrite" in options_of(request)
-    fragments, errors = _parse_all(ctx, body, require_type=False)
+    fragments, parse_errors = _parse_all(pairs, require_type=False)
+    errors += parse_errors
     ops = [(f["id"], Broker.append_op(f, no_overwrite=no_overwrite, must_exist=True)) for f in fragments]
     success, run_errors, _ = await _run(request, ctx, ops)
     errors += run_errors
@@ -117,9 +148,10 @@ async def batch_update(request: Request) -> Response:
 @router.post("/merge")
 async def batch_merge(request: Request) -> Response:
     """Batch merge (5.6.20): 204 or 207."""
-    body, ctx = await _batch_body(request)
+    pairs, ctx, errors = await _batch_body(request)
     await request.app.state.broker.check_tenant(ctx.tenant)
-    fragments, errors = _parse_all(ctx, body, allow_null=True)
+    fragments, parse_errors = _parse_all(pairs, allow_null=True)
+    errors += parse_errors
     success, run_errors, _ = await _run(request, ctx, [(f["id"], Broker.merge_op(f)) for f in fragments])
     errors += run_errors
     return _multi_status(ctx, success, errors) if errors else Response(status_code=204)

@@ -211,6 +211,33 @@ def test_batch_with_body_contexts(api, two_apps):
     assert sorted((e["id"], e["temperature"]) for e in got) == [("urn:ngsi-ld:Vehicle:1", 1), ("urn:ngsi-ld:Vehicle:2", 2)]
 
 
+def test_batch_entities_may_carry_different_contexts(api, two_apps):
+    """5.6.7 / 6.3.5: each entity of an ld+json batch is expanded with its own @context."""
+    one, two = two_apps
+    batch = [{"id": "urn:ngsi-ld:Vehicle:1", "type": "Car", "temp": {"type": "Property", "value": 1}, "@context": one},
+             {"id": "urn:ngsi-ld:Vehicle:2", "type": "Vehicle", "temperature": {"type": "Property", "value": 2},
+              "@context": two}]
+    assert ld(api, "POST", "/entityOperations/upsert", batch).status_code == 201
+    got = api.get("/entities", params={"type": "Vehicle", "options": "keyValues"}, headers=link(two)).json()
+    assert sorted((e["id"], e["temperature"]) for e in got) == [("urn:ngsi-ld:Vehicle:1", 1), ("urn:ngsi-ld:Vehicle:2", 2)]
+
+
+def test_batch_entity_with_an_unavailable_context_fails_alone(api, two_apps, context_server):
+    """5.6.7 / 5.5.2: an entity whose @context cannot be fetched is an LdContextNotAvailable error of a 207;
+    the others are created."""
+    one, _ = two_apps
+    missing = context_server.url + unique("/missing.jsonld")
+    batch = [{"id": "urn:ngsi-ld:Vehicle:1", "type": "Car", "@context": one},
+             {"id": "urn:ngsi-ld:Vehicle:2", "type": "Car", "@context": missing}]
+    got = ld(api, "POST", "/entityOperations/create", batch)
+    assert got.status_code == 207, got.text
+    body = got.json()
+    assert body["success"] == ["urn:ngsi-ld:Vehicle:1"]
+    assert [(e["entityId"], e["error"]["type"]) for e in body["errors"]] == [
+        ("urn:ngsi-ld:Vehicle:2", ERR + "LdContextNotAvailable")]
+    assert api.get("/entities/urn:ngsi-ld:Vehicle:2").status_code == 404
+
+
 # --------------------------------------------------------------------------------------------- remote fetching
 
 
