@@ -45,6 +45,27 @@ def main() -> None:
 @click.option("--profiles-dir", default=None, help=_help("profiles_dir"))
 @click.option("--ingest-batch-max", type=int, default=None, help=_help("ingest_batch_max"))
 @click.option("--ingest-batch-wait", type=float, default=None, help=_help("ingest_batch_wait"))
+# history, InfluxDB and the temporal API (issue 5)
+@click.option("--temporal-limit", type=int, default=None, help=_help("temporal_limit"))
+@click.option("--history/--no-history", default=None, help=_help("history"))
+@click.option("--temporal-source", type=click.Choice(["store", "influxdb"]), default=None, help=_help("temporal_source"))
+@click.option("--influx-url", default=None, help=_help("influx_url"))
+@click.option("--influx-version", type=click.Choice(["auto", "1", "2"]), default=None, help=_help("influx_version"))
+@click.option("--influx-database", default=None, help=_help("influx_database"))
+@click.option("--influx-retention-policy", default=None, help=_help("influx_retention_policy"))
+@click.option("--influx-username", default=None, help=_help("influx_username"))
+@click.option("--influx-password", default=None, help=_help("influx_password"))
+@click.option("--influx-org", default=None, help=_help("influx_org"))
+@click.option("--influx-bucket", default=None, help=_help("influx_bucket"))
+@click.option("--influx-token", default=None, help=_help("influx_token"))
+@click.option("--influx-precision", type=click.Choice(["s", "ms", "us", "ns"]), default=None,
+              help=_help("influx_precision"))
+@click.option("--influx-tags", default=None, help=_help("influx_tags"))
+@click.option("--influx-batch-size", type=int, default=None, help=_help("influx_batch_size"))
+@click.option("--influx-flush-interval", type=float, default=None, help=_help("influx_flush_interval"))
+@click.option("--influx-forward/--no-influx-forward", default=None, help=_help("influx_forward"))
+@click.option("--influx-max-backlog", type=int, default=None, help=_help("influx_max_backlog"))
+@click.option("--influx-instances/--no-influx-instances", default=None, help=_help("influx_instances"))
 def serve(config_file: str | None, **options) -> None:
     """Run the middleware (HTTP API on --host:--port)."""
     import uvicorn

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import Field
@@ -46,13 +46,34 @@ class Settings(BaseSettings):
     ingest_batch_wait: float = Field(0.02, description="seconds an uplink waits for others to fill its batch")
     history: bool = Field(True, description="record every attribute change in the history table (the temporal API "
                           "and InfluxDB forwarding read it)")
-    influx_url: str = Field("", description="InfluxDB 1.x to forward history to, e.g. http://127.0.0.1:8086 (empty: off)")
-    influx_database: str = Field("citybridge", description="InfluxDB database (created when missing)")
-    influx_retention_policy: str = Field("", description="InfluxDB retention policy (empty: the database default)")
-    influx_username: str = Field("", description="InfluxDB user (empty: no authentication)")
-    influx_password: str = Field("", description="InfluxDB password")
+    influx_url: str = Field("", description="InfluxDB to forward history to, e.g. http://127.0.0.1:8086 (empty: off)")
+    influx_version: Literal["auto", "1", "2"] = Field("auto", description="InfluxDB API: 1 (/write line protocol, database + retention "
+                                "policy + user/password), 2 (influxdb-client: org, bucket, token; also InfluxDB 3.x "
+                                "and other servers of the v2 write API), or auto: 2 when influx_token or influx_bucket "
+                                "is set, else 1")
+    influx_database: str = Field("citybridge", description="InfluxDB 1.x database (created when missing)")
+    influx_retention_policy: str = Field("", description="InfluxDB 1.x retention policy (empty: the database default)")
+    influx_username: str = Field("", description="InfluxDB 1.x user (empty: no authentication)")
+    influx_password: str = Field("", description="InfluxDB 1.x password")
+    influx_org: str = Field("", description="InfluxDB 2.x organisation (name or id)")
+    influx_bucket: str = Field("", description="InfluxDB 2.x bucket (3.x: the database); empty: influx_database")
+    influx_token: str = Field("", description="InfluxDB 2.x/3.x API token")
+    influx_precision: Literal["s", "ms", "us", "ns"] = Field("us", description="timestamp precision of the points: s, ms, us or ns (times "
+                                  "are cut to it; the temporal API from InfluxDB needs us or ns)")
     influx_tags: str = Field("", description="static tags added to every point: key=value,key=value")
-    influx_batch_size: int = Field(5000, description="most history rows sent to InfluxDB in one /write")
+    influx_batch_size: int = Field(5000, description="most history rows sent to InfluxDB in one write")
+    influx_flush_interval: float = Field(0.5, description="seconds the oldest unsent row may wait for a batch to "
+                                         "fill before a smaller batch is sent")
+    influx_forward: bool = Field(True, description="run the forwarder in this process (with several processes on one "
+                                 "store, let exactly one forward; the others still apply the backlog bound)")
+    influx_max_backlog: int = Field(2_000_000, description="most history rows that may wait unsent to InfluxDB; at "
+                                    "the bound NGSI-LD writes get 503 with Retry-After and MQTT uplinks are not "
+                                    "acknowledged until the backlog drains (0: no bound)")
+    influx_instances: bool = Field(False, description="also write each history row in full (JSON, measurement "
+                                   "citybridge_instances) so the temporal API can be answered from InfluxDB; on "
+                                   "when temporal_source is influxdb")
+    temporal_source: Literal["store", "influxdb"] = Field("store", description="where the temporal API reads history: store (the history "
+                                 "table) or influxdb (InfluxDB 1.x /query, the citybridge_instances measurement)")
 
 
 def load_settings(config_file: str | None = None, **overrides: Any) -> Settings:
