@@ -17,6 +17,7 @@ from .api import batch, discovery, entities, subscriptions
 from .api import iot  # device provisioning and dead letters (issue 4)
 from .api import temporal  # temporal API (issue 5)
 from .history.influx import forwarder_from_settings  # history to InfluxDB (issue 5)
+from .history.backlog import Backpressure, backlog_from_settings  # bound on the InfluxDB backlog (issue 5)
 from . import metrics
 from .devices.deadletters import DeadLetters
 from .devices.registry import DeviceRegistry
@@ -108,12 +109,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.forwarder = forwarder_from_settings(settings, store, app.state.contexts.core.compact)  # issue 5
         if app.state.forwarder is not None:
             await app.state.forwarder.start()
+        app.state.backlog = backlog_from_settings(settings, store)  # issue 5: backpressure at the bound
+        if app.state.backlog is not None:
+            await app.state.backlog.start()
         app.state.profiles = load_profiles(settings.profiles_dir)  # MQTT ingest (issue 4)
         app.state.registry = DeviceRegistry(store, profiles=getattr(app.state, "profiles", None))
         await app.state.registry.start()
         app.state.deadletters = DeadLetters(store)
         app.state.southbound = Southbound(settings, app.state.broker, app.state.registry, app.state.deadletters,
                                           app.state.profiles, app.state.contexts.core)  # MQTT ingest (issue 4)
+        if app.state.backlog is not None:
+            app.state.southbound.ingest.hold = app.state.backlog.wait_clear  # issue 5: no acks at the bound
         await app.state.southbound.start()
         # The long-lived objects made at startup (modules, profiles, contexts) leave the garbage collector's
         # generations, and young collections run every 50,000 allocations instead of 700: a 1,000-entity batch
@@ -129,6 +135,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             await app.state.southbound.stop()  # MQTT ingest (issue 4)
             if app.state.forwarder is not None:
                 await app.state.forwarder.stop()
+            if app.state.backlog is not None:
+                await app.state.backlog.stop()
             await app.state.deadletters.close()
             await app.state.registry.close()
             await app.state.subscriptions.close()
@@ -177,5 +185,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         log.exception("unexpected error on %s %s", request.method, request.url.path)
         return problem_response(InternalError(f"{error.__class__.__name__}: {error}"))
 
+    app.add_middleware(Backpressure)  # issue 5: 503 + Retry-After on NGSI-LD writes at the InfluxDB backlog bound
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app

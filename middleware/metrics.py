@@ -8,6 +8,8 @@ Other modules only call the tiny API below; they never touch prometheus-client t
     metrics.deadletter("decode-error: byte 3 out of range")   # counted under reason="decode-error"
     metrics.notification(ok=True)   # a notification was delivered (ok=False: it failed)
     metrics.influx_points(500, ok=True)  # 500 history points written to InfluxDB (ok=False: rejected)
+    metrics.influx_backlog(1200, 3.5, full=False)  # 1,200 history rows unsent, the oldest 3.5 s old
+    metrics.backpressure("http")    # a write refused (http: 503) or held back (mqtt) at the backlog bound
 
 Dead-letter reasons are free text; the label is the reason's code — the text before the first ':' when it is a short
 slug such as `unknown-device` or `decode-error`, else `other` — so the number of time series stays bounded.
@@ -24,7 +26,7 @@ import re
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import REGISTRY, CollectorRegistry, Counter
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge
 from prometheus_client.exposition import choose_encoder
 
 UPLINKS = Counter("citybridge_uplinks", "Uplinks received from devices, per transport", ["transport"])
@@ -32,6 +34,14 @@ COMMITTED = Counter("citybridge_measurements_committed", "Measurements committed
 DEADLETTERS = Counter("citybridge_deadletters", "Uplinks dead-lettered, per reason code", ["reason"])
 NOTIFICATIONS = Counter("citybridge_notifications", "Notifications sent to subscribers, per outcome", ["outcome"])
 INFLUX_POINTS = Counter("citybridge_influx_points", "History points sent to InfluxDB, per outcome", ["outcome"])
+INFLUX_BACKLOG = Gauge("citybridge_influx_backlog_rows", "History rows not yet written to InfluxDB",
+                       multiprocess_mode="max")
+INFLUX_BACKLOG_AGE = Gauge("citybridge_influx_backlog_oldest_seconds",
+                           "Age of the oldest history row not yet written to InfluxDB", multiprocess_mode="max")
+INFLUX_BACKPRESSURE = Gauge("citybridge_influx_backpressure",
+                            "1 while the InfluxDB backlog is at its bound and writes are refused", multiprocess_mode="max")
+BACKPRESSURE = Counter("citybridge_backpressure", "Writes refused (http: 503) or batches held back (mqtt) at the "
+                       "InfluxDB backlog bound, per edge", ["edge"])
 
 _CODE = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
 
@@ -71,6 +81,18 @@ def influx_points(n: int, ok: bool) -> None:
         INFLUX_POINTS.labels(outcome="written" if ok else "rejected").inc(n)
 
 
+def influx_backlog(rows: int, oldest_seconds: float, full: bool) -> None:
+    """Set the InfluxDB backlog gauges: unsent rows, age of the oldest, and whether backpressure is on."""
+    INFLUX_BACKLOG.set(rows)
+    INFLUX_BACKLOG_AGE.set(oldest_seconds)
+    INFLUX_BACKPRESSURE.set(1 if full else 0)
+
+
+def backpressure(edge: str) -> None:
+    """Count one write refused (edge http) or one ingest batch held back (edge mqtt) at the backlog bound."""
+    BACKPRESSURE.labels(edge=edge).inc()
+
+
 def registry() -> CollectorRegistry:
     """The registry to expose: the process's own, or every worker's when PROMETHEUS_MULTIPROC_DIR is set."""
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
@@ -89,6 +111,12 @@ def render(accept: str | None = None) -> tuple[bytes, str]:
 
 @router.get("/metrics", include_in_schema=False)
 async def metrics_route(request: Request) -> Response:
-    """Prometheus scrape endpoint."""
+    """Prometheus scrape endpoint (the InfluxDB backlog is measured afresh for each scrape)."""
+    backlog = getattr(request.app.state, "backlog", None)
+    if backlog is not None:
+        try:
+            await backlog.refresh()
+        except Exception:  # the store is briefly unavailable: expose the last figures
+            pass
     body, content_type = render(request.headers.get("accept"))
     return Response(body, media_type=None, headers={"Content-Type": content_type})

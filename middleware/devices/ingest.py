@@ -14,7 +14,7 @@ import logging
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable
 from datetime import datetime
 
 import orjson
@@ -114,6 +114,7 @@ class Ingest:
         self._watch: dict[tuple[str, str], tuple[float, float]] = {}  # (tenant, id) → (interval, last commit time)
         self.on_device: Callable[[Device], None] | None = None        # told of every device an uplink came from
         self._received: dict[str, int] = {}                           # uplinks per transport, not yet counted
+        self.hold: Callable[[], Awaitable[None]] | None = None        # awaited before each commit (backpressure)
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -177,6 +178,8 @@ class Ingest:
         while True:
             prepared = await self._prepared.get()
             try:
+                if self.hold is not None:  # e.g. the InfluxDB backlog at its bound: no commit, so no acks
+                    await self.hold()
                 await self.commit(prepared)
             except asyncio.CancelledError:
                 raise
