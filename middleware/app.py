@@ -18,6 +18,7 @@ from .api import iot  # device provisioning and dead letters (issue 4)
 from .api import temporal  # temporal API (issue 5)
 from .history.influx import forwarder_from_settings  # history to InfluxDB (issue 5)
 from .history.backlog import Backpressure, backlog_from_settings  # bound on the InfluxDB backlog (issue 5)
+from .history.influx_read import reader_from_settings  # temporal API from InfluxDB (issue 5)
 from . import metrics
 from .devices.deadletters import DeadLetters
 from .devices.registry import DeviceRegistry
@@ -112,6 +113,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.backlog = backlog_from_settings(settings, store)  # issue 5: backpressure at the bound
         if app.state.backlog is not None:
             await app.state.backlog.start()
+        app.state.history_source = reader_from_settings(settings, store)  # issue 5: temporal API source
         app.state.profiles = load_profiles(settings.profiles_dir)  # MQTT ingest (issue 4)
         app.state.registry = DeviceRegistry(store, profiles=getattr(app.state, "profiles", None))
         await app.state.registry.start()
@@ -137,6 +139,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 await app.state.forwarder.stop()
             if app.state.backlog is not None:
                 await app.state.backlog.stop()
+            if app.state.history_source is not store:
+                await app.state.history_source.close()
             await app.state.deadletters.close()
             await app.state.registry.close()
             await app.state.subscriptions.close()

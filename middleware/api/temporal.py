@@ -1,7 +1,8 @@
 """NGSI-LD temporal routes (ETSI GS CIM 009 v1.8 clauses 5.7.3, 5.7.4): the temporal evolution of entities.
 
 Entities are selected among the current ones (id, idPattern, type, attrs, q, geoQ, limit/offset), then their
-history is read from the store in one query and rendered normalized, as temporalValues or aggregated.
+history is read in one query, from the store or from InfluxDB (CITYBRIDGE_TEMPORAL_SOURCE, app.state.history_source),
+and rendered normalized, as temporalValues or aggregated.
 """
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..context.errors import BadRequestData
+from ..context.errors import BadRequestData, NgsiLdError
 from ..context.model import Renderer, check_uri
 from ..history.aggregate import AGGR_METHODS
+from ..history.influx import Retry
 from ..history.paging import trim
 from ..history.representation import Aggregation, TemporalRenderer
 from ..history.timerange import TemporalQ, iso_from_micros, parse_duration, parse_temporal_q
@@ -22,6 +24,13 @@ from .common import Ctx, context_for, int_param, options_of, read_body, respond,
 from .entities import attrs_param, select_entities
 
 router = APIRouter(prefix="/ngsi-ld/v1/temporal")
+
+
+class HistoryUnavailable(NgsiLdError):
+    """The history source (InfluxDB) did not answer: HTTP 503, try again later."""
+
+    type_name = "InternalError"  # NGSI-LD defines no error type for an unavailable service; the status says 503
+    status = 503
 
 
 @router.get("/entities")
@@ -115,7 +124,11 @@ async def _history(request: Request, ctx: Ctx, docs: list[dict], attrs: set[str]
     query = HistoryQuery([doc["id"] for doc in docs], attrs, when.timeproperty, when.start, when.end,
                          newest_first=last_n is not None,
                          per_attr=None if shape.aggregation is not None else (n if exact else n + 1))
-    rows = await request.app.state.store.history(ctx.tenant, query)
+    source = getattr(request.app.state, "history_source", None) or request.app.state.store
+    try:
+        rows = await source.history(ctx.tenant, query)
+    except Retry as exc:
+        raise HistoryUnavailable(f"the temporal source InfluxDB did not answer: {exc}") from None
     span = None
     if not exact:
         rows, span = trim(rows, n, newest_first=last_n is not None, timeproperty=when.timeproperty)

@@ -1,16 +1,73 @@
 """Conformance: history and the temporal API (ETSI GS CIM 009 v1.8 clauses 5.7.3, 5.7.4; representations 4.5.7,
-4.5.9, 4.5.19; temporal query 4.11; temporal pagination 6.3.10) at the HTTP level, on SQLite and PostgreSQL.
+4.5.9, 4.5.19; temporal query 4.11; temporal pagination 6.3.10) at the HTTP level, on SQLite and PostgreSQL, and
+from both temporal sources: the store, and InfluxDB 1.x (a second middleware on the same store forwarding to a
+private influxd with CITYBRIDGE_TEMPORAL_SOURCE=influxdb; temporal requests go to it once its backlog is empty).
 """
 from __future__ import annotations
 
 import re
+import time
+import uuid
 
+import httpx
 import pytest
 
 from tests.conftest import Api, Middleware, assert_problem, link
 
 EID = "urn:ngsi-ld:Sensor:t1"
 INSTANCE_ID = re.compile(r"^urn:ngsi-ld:attribute:instance:\d+$")
+
+
+class TemporalApi(Api):
+    """The test's client: writes go to the store-backed middleware, temporal requests to the temporal source's
+    middleware (when it is another one) after waiting until its forwarder has sent every history row."""
+
+    def __init__(self, base_url: str, tenant: str, reader_url: str | None = None, settle=None):
+        super().__init__(base_url, tenant)
+        self.reader_url = reader_url
+        self.settle = settle or (self._settle if reader_url else None)
+
+    def _settle(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in httpx.get(self.reader_url + "/metrics", timeout=10).text.splitlines():
+                if line.startswith("citybridge_influx_backlog_rows ") and float(line.split()[-1]) == 0:
+                    return
+            time.sleep(0.02)
+        raise AssertionError("the forwarder did not catch up with the history table")
+
+    def request(self, method, url, *args, **kwargs):
+        """Send; a temporal request waits for InfluxDB to hold every row and goes to the reading middleware."""
+        if "/temporal/" in str(url) and self.settle is not None:
+            self.settle()
+            if self.reader_url is not None:
+                url = self.reader_url + "/ngsi-ld/v1" + str(url)
+        return super().request(method, url, *args, **kwargs)
+
+
+@pytest.fixture(scope="module", params=["store", "influxdb"])
+def temporal_source(request, middleware, tmp_path_factory):
+    """None (the temporal API reads the store), or (middleware reading InfluxDB and forwarding to it, influxd)."""
+    if request.param == "store":
+        yield None
+        return
+    from tests.integration.test_influx import Influxd
+    influxd = Influxd(tmp_path_factory.mktemp("temporal-influxd"))
+    reader = Middleware(middleware.store, tmp_path_factory.mktemp("temporal-influx"), CITYBRIDGE_INFLUX_URL=influxd.url,
+                        CITYBRIDGE_TEMPORAL_SOURCE="influxdb", CITYBRIDGE_INFLUX_FLUSH_INTERVAL="0.05",
+                        CITYBRIDGE_CONTEXT_TIMEOUT="1.0")
+    yield reader, influxd
+    reader.stop()
+    influxd.stop()
+
+
+@pytest.fixture
+def api(middleware, temporal_source):
+    """A client bound to a fresh tenant whose temporal requests are answered by the source under test."""
+    reader_url = temporal_source[0].url if temporal_source else None
+    client = TemporalApi(middleware.url, f"t{uuid.uuid4().hex[:12]}", reader_url)
+    yield client
+    client.close()
 
 
 def create(api, entity: dict) -> None:
@@ -341,18 +398,27 @@ def test_post_query_with_malformed_json_is_invalid_request(api):
 
 
 @pytest.fixture(scope="module")
-def small_pages(middleware, tmp_path_factory):
-    """A second middleware on the same store that returns at most 3 instances per attribute."""
-    server = Middleware(middleware.store, tmp_path_factory.mktemp("temporal-small"), CITYBRIDGE_TEMPORAL_LIMIT="3")
+def small_pages(middleware, temporal_source, tmp_path_factory):
+    """A further middleware on the same store, reading the same temporal source, with at most 3 instances per attribute."""
+    env = {}
+    if temporal_source:
+        env = dict(CITYBRIDGE_INFLUX_URL=temporal_source[1].url, CITYBRIDGE_TEMPORAL_SOURCE="influxdb",
+                   CITYBRIDGE_INFLUX_FORWARD="false")
+    server = Middleware(middleware.store, tmp_path_factory.mktemp("temporal-small"), CITYBRIDGE_TEMPORAL_LIMIT="3", **env)
     yield server
     server.stop()
+
+
+def small_client(api: TemporalApi, small_pages: Middleware) -> TemporalApi:
+    """A client of the small-page middleware for the test's tenant (waiting for the forwarder like api does)."""
+    return TemporalApi(small_pages.url, api.tenant, settle=api.settle)
 
 
 def test_more_instances_than_the_limit_is_206_with_content_range_forwards(api, small_pages):
     """Without lastN the page holds the oldest instances; 206 and Content-Range: date-time <first>-<last>/*."""
     series(api, [1, 2, 3, 4, 5])
     create(api, sensor("urn:ngsi-ld:Sensor:other", 100.0))
-    small = Api(small_pages.url, api.tenant)
+    small = small_client(api, small_pages)
     response = small.get(f"/temporal/entities/{EID}")
     assert response.status_code == 206, response.text
     assert response.headers["Content-Range"] == "date-time 2026-01-01T00:00:00.000Z-2026-01-01T00:20:00.000Z/*"
@@ -366,7 +432,7 @@ def test_more_instances_than_the_limit_is_206_with_content_range_forwards(api, s
 def test_lastN_beyond_the_limit_pages_backwards(api, small_pages):
     """With lastN above the limit the page holds the newest instances: Content-Range <newest>-<oldest>/<lastN>."""
     series(api, [1, 2, 3, 4, 5])
-    small = Api(small_pages.url, api.tenant)
+    small = small_client(api, small_pages)
     response = small.get(f"/temporal/entities/{EID}", params={"lastN": "5"})
     assert response.status_code == 206, response.text
     assert response.headers["Content-Range"] == "date-time 2026-01-01T00:40:00.000Z-2026-01-01T00:20:00.000Z/5"
@@ -382,7 +448,7 @@ def test_every_attribute_is_cut_at_the_same_time(api, small_pages):
     for k, minute in enumerate(("10", "20", "30", "40"), start=1):
         observe(api, 20 + k, f"2026-01-01T00:{minute}:00Z")
     observe(api, 41, "2026-01-01T00:50:00Z", attr="humidity")
-    small = Api(small_pages.url, api.tenant)
+    small = small_client(api, small_pages)
     response = small.get("/temporal/entities", params={"type": "Sensor"})
     assert response.status_code == 206
     (entity,) = response.json()
