@@ -1,0 +1,120 @@
+"""Unit: the packed SQLite history log (one row per entity and observed time), its migration and key cache."""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+
+import orjson
+
+from middleware.store import sqlite_history
+from middleware.store.base import HistoryQuery, HistoryRow
+from middleware.store.sqlite import SqliteStore
+
+T = "https://uri.etsi.org/ngsi-ld/default-context/"
+
+
+def point(entity: str, attr: str, at: int, value, *, dataset: str = "", deleted: bool = False) -> HistoryRow:
+    """A history row of one Property instance observed at `at` µs."""
+    inst = {"type": "Property", "value": value}
+    if dataset:
+        inst["datasetId"] = dataset
+    return HistoryRow(entity, T + "Sensor", T + attr, dataset, "Property", at, at - 5, at, deleted, orjson.dumps(inst))
+
+
+def connect(tmp_path) -> sqlite3.Connection:
+    conn = sqlite3.connect(tmp_path / "h.db", isolation_level=None)
+    return conn
+
+
+def test_instances_of_one_entity_and_time_share_a_log_row_and_read_back_unpacked(tmp_path):
+    """Three instances at one time and one at another give two log rows; reads give the four rows back, per attribute."""
+    conn = connect(tmp_path)
+    log = sqlite_history.HistoryLog()
+    log.create(conn)
+    rows = [point("urn:e:1", "a", 100, 1), point("urn:e:1", "b", 100, 2), point("urn:e:1", "a", 100, 3, dataset="urn:d"),
+            point("urn:e:1", "a", 200, 4), point("urn:e:2", "a", 100, 5)]
+    conn.execute("BEGIN")
+    created = log.append(conn, "", rows)
+    conn.execute("COMMIT")
+    log.commit("", created)
+    assert conn.execute("SELECT count(*) FROM history_log").fetchone()[0] == 3
+    got = sqlite_history.read(conn, "", HistoryQuery(["urn:e:1"]))
+    assert [(r.attr[len(T):], r.dataset_id, r.observed_at, orjson.loads(r.instance)["value"]) for r in got] == [
+        ("a", "", 100, 1), ("a", "urn:d", 100, 3), ("a", "", 200, 4), ("b", "", 100, 2)]
+    assert got[0].created_at == 95 and got[0].entity_type == T + "Sensor" and not got[0].deleted
+    newest = sqlite_history.read(conn, "", HistoryQuery(["urn:e:1"], attrs={T + "a"}, newest_first=True, per_attr=1))
+    assert [orjson.loads(r.instance)["value"] for r in newest] == [4]
+    ranged = sqlite_history.read(conn, "", HistoryQuery(["urn:e:1", "urn:e:2"], start=150, end=250))
+    assert [(r.entity_id, r.observed_at) for r in ranged] == [("urn:e:1", 200)]
+    by_modified = sqlite_history.read(conn, "", HistoryQuery(["urn:e:1"], timeproperty="createdAt", start=190))
+    assert [r.created_at for r in by_modified] == [195]
+    assert sorted(r.seq for r in got) == [1, 2, 3, 4]  # every instance has a seq of its own, without gaps
+    after = sqlite_history.after(conn, 0, 10)
+    assert [(row.seq, row.observed_at) for _, row in after] == [(1, 100), (2, 100), (3, 100), (4, 200), (5, 100)]
+    assert [row.seq for _, row in sqlite_history.after(conn, 3, 1)] == [4]  # limit counts log rows
+    assert [row.seq for _, row in sqlite_history.after(conn, 2, 1)] == [3]  # a seq inside a log row: the rest of it
+    assert sqlite_history.after(conn, 5, 10) == []
+
+
+def test_tenants_are_kept_apart(tmp_path):
+    """The same entity id in two tenants has two histories."""
+    conn = connect(tmp_path)
+    log = sqlite_history.HistoryLog()
+    log.create(conn)
+    for tenant, value in (("a", 1), ("b", 2)):
+        conn.execute("BEGIN")
+        log.commit(tenant, log.append(conn, tenant, [point("urn:e:1", "t", 100, value)]))
+        conn.execute("COMMIT")
+    assert [orjson.loads(r.instance)["value"] for r in sqlite_history.read(conn, "b", HistoryQuery(["urn:e:1"]))] == [2]
+    assert [tenant for tenant, _ in sqlite_history.after(conn, 0, 10)] == ["a", "b"]
+
+
+def test_a_rolled_back_write_leaves_no_key_behind_in_the_cache(tmp_path):
+    """Keys created by a transaction that rolls back are not remembered, so the next write creates them again."""
+    conn = connect(tmp_path)
+    log = sqlite_history.HistoryLog()
+    log.create(conn)
+    conn.execute("BEGIN")
+    log.append(conn, "", [point("urn:e:1", "t", 100, 1)])
+    conn.execute("ROLLBACK")  # commit() is never called for it
+    conn.execute("BEGIN")
+    log.commit("", log.append(conn, "", [point("urn:e:1", "t", 200, 2)]))
+    conn.execute("COMMIT")
+    got = sqlite_history.read(conn, "", HistoryQuery(["urn:e:1"]))
+    assert [(r.observed_at, orjson.loads(r.instance)["value"]) for r in got] == [(200, 2)]
+
+
+def test_the_one_row_per_instance_table_of_earlier_versions_is_migrated_with_its_cursors(tmp_path):
+    """A database with the old `history` table opens with the same history, seqs (so consumers' cursors) kept."""
+    path = tmp_path / "store.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.executescript("""
+        CREATE TABLE history(seq INTEGER PRIMARY KEY, tenant TEXT NOT NULL, entity_id TEXT NOT NULL,
+            entity_type TEXT NOT NULL, attr TEXT NOT NULL, dataset_id TEXT NOT NULL, kind TEXT NOT NULL,
+            observed_at INTEGER NOT NULL, created_at INTEGER NOT NULL, modified_at INTEGER NOT NULL,
+            deleted INTEGER NOT NULL, instance TEXT NOT NULL);
+        CREATE TABLE history_cursors(name TEXT PRIMARY KEY, seq INTEGER NOT NULL);""")
+    old = [("", "urn:e:1", T + "Sensor", T + "t", "", "Property", 100, 90, 100, 0, '{"type":"Property","value":1}'),
+           ("", "urn:e:1", T + "Sensor", T + "t", "", "Property", 200, 90, 200, 1, '{"type":"Property","value":"urn:ngsi-ld:null"}'),
+           ("x", "urn:e:2", T + "Sensor", T + "t", "", "Property", 300, 300, 300, 0, '{"type":"Property","value":3}')]
+    conn.executemany("INSERT INTO history(seq, tenant, entity_id, entity_type, attr, dataset_id, kind, observed_at, "
+                     "created_at, modified_at, deleted, instance) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                     [(seq, *row) for seq, row in zip((10, 20, 30), old)])
+    conn.execute("INSERT INTO history_cursors VALUES ('influxdb', 20)")
+    conn.close()
+
+    async def reopen():
+        store = SqliteStore(str(path))
+        await store.open()
+        try:
+            return (await store.history("", HistoryQuery(["urn:e:1"])), await store.get_cursor("influxdb"),
+                    await store.history_after(0, 10))
+        finally:
+            await store.close()
+
+    rows, cursor, after = asyncio.run(reopen())
+    assert [(r.observed_at, r.created_at, r.deleted, orjson.loads(r.instance)["value"]) for r in rows] == [
+        (100, 90, False, 1), (200, 90, True, "urn:ngsi-ld:null")]
+    assert cursor == 20 and [(tenant, row.seq) for tenant, row in after] == [("", 10), ("", 20), ("x", 30)]
+    tables = {name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert "history" not in tables
