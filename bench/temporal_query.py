@@ -1,8 +1,8 @@
-"""Temporal query latency over one day of 1-minute data for 1,000 entities (embedded store).
+"""Temporal query latency over one day of 1-minute data for 1,000 entities (embedded store, or InfluxDB 1.x).
 
 The entities are loaded through the API (batch upsert); their pm10 history (1,440 points each, 1.44 million
-rows by default) is then written straight into the SQLite history table by this script, in the stored form
-the middleware itself writes (a copy of each entity's own first history row with a new value and time):
+rows by default) is then written by this script through the store's own write (middleware stopped), in the
+stored form the middleware itself writes (a copy of each entity's own first history row with a new value and time):
 loading 1.44 million points through HTTP would take longer than the measurement and is what
 bench/batch_upsert.py and bench/mqtt_ingest.py already measure. Queries are then sent one at a time on a
 keep-alive connection and timed (p50 / p99):
@@ -12,20 +12,26 @@ keep-alive connection and timed (p50 / p99):
  * one entity, the day in hourly averages and maxima (aggrMethods=avg,max&aggrPeriodDuration=PT1H);
  * the last 10 points of 20 entities by type (GET /temporal/entities?type=...&lastN=10&limit=20).
 
-    .venv/bin/python bench/temporal_query.py [--entities 1000 --minutes 1440 --requests 100]
+    .venv/bin/python bench/temporal_query.py [--entities 1000 --minutes 1440 --requests 100] [--source influxdb]
+
+With --source influxdb the middleware is restarted forwarding to a private influxd with
+CITYBRIDGE_TEMPORAL_SOURCE=influxdb; the queries start once the backlog has drained.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import random
-import sqlite3
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 DAY_START = 1714478400 * 1_000_000  # 2024-04-30T12:00:00Z in µs
@@ -36,38 +42,62 @@ def iso(micros: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(micros // 1_000_000))
 
 
-def write_history(db: Path, minutes: int, rng: random.Random) -> int:
-    """Append `minutes` pm10 points per entity, one per minute from DAY_START; return the rows written."""
-    conn = sqlite3.connect(db, timeout=60)
-    firsts = conn.execute("SELECT tenant, entity_id, entity_type, attr, instance FROM history "
-                          "WHERE attr LIKE '%pm10' GROUP BY entity_id").fetchall()
-    written = 0
-    for tenant, entity_id, entity_type, attr, instance in firsts:
-        template = orjson.loads(instance)
-        rows = []
-        for minute in range(minutes):
-            at = DAY_START + minute * 60_000_000
-            inst = dict(template, value=round(rng.uniform(0, 150), 1), observedAt=iso(at))
-            rows.append((tenant, entity_id, entity_type, attr, "", "Property", at, at, at, 0, orjson.dumps(inst)))
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany("INSERT INTO history(tenant, entity_id, entity_type, attr, dataset_id, kind, observed_at, "
-                         "created_at, modified_at, deleted, instance) VALUES (?,?,?,?,?,?,?,?,?,?,?)", rows)
-        conn.execute("COMMIT")
-        written += len(rows)
-    conn.close()
-    return written
+def write_history(store_url: str, minutes: int, rng: random.Random) -> int:
+    """Append `minutes` pm10 points per entity, one per minute from DAY_START, through the store's own write (so
+    whatever the history layout); run it while no middleware uses the store. Return the rows written."""
+    from middleware.store import open_store
+    from middleware.store.base import HistoryRow
+
+    async def fill() -> int:
+        store = open_store(store_url)
+        await store.open()
+        try:
+            firsts: dict[tuple[str, str], tuple] = {}
+            for tenant, row in await store.history_after(0, 10_000_000):
+                if row.attr.endswith("pm10") and not row.deleted:
+                    firsts.setdefault((tenant, row.entity_id), (row.entity_type, row.attr, orjson.loads(row.instance)))
+            written = 0
+            for (tenant, entity_id), (entity_type, attr, template) in firsts.items():
+                rows = []
+                for minute in range(minutes):
+                    at = DAY_START + minute * 60_000_000
+                    inst = dict(template, value=round(rng.uniform(0, 150), 1), observedAt=iso(at))
+                    rows.append(HistoryRow(entity_id, entity_type, attr, "", "Property", at, at, at, False,
+                                           orjson.dumps(inst)))
+                await store.write(tenant, [], plan=lambda conflicts, rows=rows: rows)
+                written += len(rows)
+            return written
+        finally:
+            await store.close()
+
+    return asyncio.run(fill())
 
 
 def run(args) -> dict:
     rng = random.Random(args.seed)
     results = {}
-    with common.Server("sqlite", keep=args.keep) as server:
+    sink = None
+    server = common.Server("sqlite", keep=True)
+    try:
+        server.start()
         common.print_machine(server.label)
         common.load_entities(server, args.entities, rng)
+        server.stop()
         t0 = time.perf_counter()
-        rows = write_history(server.workdir / "store.db", args.minutes, rng)
+        rows = write_history(server.store, args.minutes, rng)
         print(f"history : {rows:,} pm10 points ({args.minutes} per entity) written in {time.perf_counter() - t0:.1f} s "
-              f"(straight into the table, not timed)")
+              f"(through the store, the middleware stopped; not timed)")
+        if args.source == "influxdb":
+            import influx_servers
+            sink = influx_servers.Influxd(Path(tempfile.mkdtemp(prefix="citybridge-bench-influxd-")))
+            server.env.update(CITYBRIDGE_INFLUX_URL=sink.url, CITYBRIDGE_TEMPORAL_SOURCE="influxdb",
+                              CITYBRIDGE_INFLUX_MAX_BACKLOG="0")
+        server.start()
+        if sink is not None:
+            print(f"source  : {sink.version} (InfluxQL /query); forwarding the history first ...")
+            print(f"forward : drained in {influx_servers.drain(server.url):.1f} s (value + full-row points)")
+        else:
+            print("source  : the store's history table")
         day = f"timerel=between&timeAt={iso(DAY_START)}&endTimeAt={iso(DAY_START + args.minutes * 60_000_000)}"
         hour = f"timerel=between&timeAt={iso(DAY_START + 3600_000_000)}&endTimeAt={iso(DAY_START + 7200_000_000)}"
         base = common.NGSI + "/temporal/entities"
@@ -90,6 +120,12 @@ def run(args) -> dict:
                   f"{common.fmt_ms(results[name]['max']):>10s}  {statuses}  {size / 1024:.0f} KiB")
             sys.stdout.flush()
         print(f"server RSS after run: {server.rss_mb():.0f} MB")
+    finally:
+        server.stop()
+        if sink is not None:
+            sink.stop()
+        if not args.keep:
+            shutil.rmtree(server.workdir, ignore_errors=True)
     return results
 
 
@@ -99,6 +135,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--entities", type=int, default=1000)
     parser.add_argument("--minutes", type=int, default=1440)
     parser.add_argument("--requests", type=int, default=100)
+    parser.add_argument("--source", choices=["store", "influxdb"], default="store",
+                        help="temporal source: the store's history table, or a private InfluxDB 1.x the history is "
+                             "forwarded to first (CITYBRIDGE_TEMPORAL_SOURCE=influxdb)")
     args = parser.parse_args(argv)
     print(f"== temporal_query: {args.entities:,} entities x {args.minutes} minutes of pm10")
     return run(args)
