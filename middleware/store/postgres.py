@@ -516,6 +516,10 @@ class PostgresStore:
         """(tenant, row) of the history rows of every tenant with seq > after, in seq order (history section)."""
         return await _history_after(self.pool, after, limit)
 
+    async def history_max_seq(self) -> int:
+        """The seq of the newest history row (0 when there is none)."""
+        return await self.pool.fetchval("SELECT coalesce(max(seq), 0) FROM history")
+
     async def get_cursor(self, name: str) -> int:
         """The seq a history consumer has handled up to (0 before its first run)."""
         return await self.pool.fetchval("SELECT seq FROM history_cursors WHERE name=$1", name) or 0

@@ -102,7 +102,6 @@ class SqliteStore:
         self._rconn: sqlite3.Connection | None = None
         self._lconn: sqlite3.Connection | None = None  # point lookups made on the event loop itself
         self._checkpointer: Checkpointer | None = None
-        self._history = sqlite_history.HistoryLog()
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -122,7 +121,7 @@ class SqliteStore:
             self._wconn = self._connect()
             self._wconn.execute(f"PRAGMA wal_autocheckpoint={_WRITER_CHECKPOINT_PAGES}")
             self._wconn.executescript(SCHEMA)
-            self._history.create(self._wconn)
+            sqlite_history.create(self._wconn)
 
         await loop.run_in_executor(self._writer, setup)
         self._rconn = await loop.run_in_executor(self._reader, self._connect)
@@ -181,7 +180,6 @@ class SqliteStore:
         geo_rows: list[tuple] = []
         stale_geo: list[tuple] = []
         docs = [orjson.dumps(change.doc) if change.doc is not None else None for change in changes]  # before locking
-        new_keys: dict = {}
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", (tenant,))
@@ -241,12 +239,11 @@ class SqliteStore:
                 if outbox:
                     conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",
                                      [(tenant, row.subscription_id, row.payload) for row in outbox])
-                new_keys = self._history.append(conn, tenant, [row for row in rows if isinstance(row, HistoryRow)])
+                sqlite_history.append(conn, tenant, [row for row in rows if isinstance(row, HistoryRow)])
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
             raise
-        self._history.commit(tenant, new_keys)
         return conflicts
 
     async def query(self, tenant: str, candidates: Candidates, keep: Keep | None = None,
@@ -630,6 +627,10 @@ class SqliteStore:
     async def history_after(self, after: int, limit: int) -> list[tuple[str, HistoryRow]]:
         """(tenant, row) of the history rows of every tenant with seq > after, in seq order (history section)."""
         return await self._read(sqlite_history.after, self._rconn, after, limit)
+
+    async def history_max_seq(self) -> int:
+        """The seq of the newest history instance (0 when there is none)."""
+        return await self._read(sqlite_history.last_seq, self._rconn)
 
     async def get_cursor(self, name: str) -> int:
         """The seq a history consumer has handled up to (0 before its first run)."""

@@ -1,4 +1,4 @@
-"""Unit: the packed SQLite history log (one row per entity and observed time), its migration and key cache."""
+"""Unit: the packed SQLite history log (one row per entity and observed time), its keys and its migration."""
 from __future__ import annotations
 
 import asyncio
@@ -29,14 +29,12 @@ def connect(tmp_path) -> sqlite3.Connection:
 def test_instances_of_one_entity_and_time_share_a_log_row_and_read_back_unpacked(tmp_path):
     """Three instances at one time and one at another give two log rows; reads give the four rows back, per attribute."""
     conn = connect(tmp_path)
-    log = sqlite_history.HistoryLog()
-    log.create(conn)
+    sqlite_history.create(conn)
     rows = [point("urn:e:1", "a", 100, 1), point("urn:e:1", "b", 100, 2), point("urn:e:1", "a", 100, 3, dataset="urn:d"),
             point("urn:e:1", "a", 200, 4), point("urn:e:2", "a", 100, 5)]
     conn.execute("BEGIN")
-    created = log.append(conn, "", rows)
+    sqlite_history.append(conn, "", rows)
     conn.execute("COMMIT")
-    log.commit("", created)
     assert conn.execute("SELECT count(*) FROM history_log").fetchone()[0] == 3
     got = sqlite_history.read(conn, "", HistoryQuery(["urn:e:1"]))
     assert [(r.attr[len(T):], r.dataset_id, r.observed_at, orjson.loads(r.instance)["value"]) for r in got] == [
@@ -56,32 +54,52 @@ def test_instances_of_one_entity_and_time_share_a_log_row_and_read_back_unpacked
     assert sqlite_history.after(conn, 5, 10) == []
 
 
+def test_later_writes_take_the_seqs_after_every_instance_of_earlier_ones(tmp_path):
+    """A log row holds its first instance's seq; the next write starts after its last one, without gaps."""
+    conn = connect(tmp_path)
+    sqlite_history.create(conn)
+    for batch in ([point("urn:e:1", "a", 100, 1), point("urn:e:1", "b", 100, 2), point("urn:e:1", "c", 100, 3)],
+                  [point("urn:e:1", "a", 200, 4)], [point("urn:e:2", "a", 300, 5), point("urn:e:2", "b", 300, 6)]):
+        conn.execute("BEGIN")
+        sqlite_history.append(conn, "", batch)
+        conn.execute("COMMIT")
+    after = sqlite_history.after(conn, 0, 100)
+    assert [(row.seq, orjson.loads(row.instance)["value"]) for _, row in after] == [(n, n) for n in range(1, 7)]
+    assert [row.seq for _, row in sqlite_history.after(conn, 3, 100)] == [4, 5, 6]
+    assert sqlite_history.last_seq(conn) == 6
+
+
 def test_tenants_are_kept_apart(tmp_path):
     """The same entity id in two tenants has two histories."""
     conn = connect(tmp_path)
-    log = sqlite_history.HistoryLog()
-    log.create(conn)
+    sqlite_history.create(conn)
     for tenant, value in (("a", 1), ("b", 2)):
         conn.execute("BEGIN")
-        log.commit(tenant, log.append(conn, tenant, [point("urn:e:1", "t", 100, value)]))
+        sqlite_history.append(conn, tenant, [point("urn:e:1", "t", 100, value)])
         conn.execute("COMMIT")
     assert [orjson.loads(r.instance)["value"] for r in sqlite_history.read(conn, "b", HistoryQuery(["urn:e:1"]))] == [2]
     assert [tenant for tenant, _ in sqlite_history.after(conn, 0, 10)] == ["a", "b"]
 
 
-def test_a_rolled_back_write_leaves_no_key_behind_in_the_cache(tmp_path):
-    """Keys created by a transaction that rolls back are not remembered, so the next write creates them again."""
+def test_rows_of_another_entity_under_the_same_key_are_not_read(tmp_path, monkeypatch):
+    """Keys are hashes: should two entities share one, each still reads only its own history."""
     conn = connect(tmp_path)
-    log = sqlite_history.HistoryLog()
-    log.create(conn)
+    sqlite_history.create(conn)
+    monkeypatch.setattr(sqlite_history, "entity_key", lambda tenant, entity_id: 7)  # every entity collides
     conn.execute("BEGIN")
-    log.append(conn, "", [point("urn:e:1", "t", 100, 1)])
-    conn.execute("ROLLBACK")  # commit() is never called for it
-    conn.execute("BEGIN")
-    log.commit("", log.append(conn, "", [point("urn:e:1", "t", 200, 2)]))
+    sqlite_history.append(conn, "", [point("urn:e:1", "t", 100, 1), point("urn:e:2", "t", 100, 2)])
+    sqlite_history.append(conn, "other", [point("urn:e:1", "t", 100, 3)])
     conn.execute("COMMIT")
+    assert conn.execute("SELECT DISTINCT key FROM history_log").fetchall() == [(7,)]
     got = sqlite_history.read(conn, "", HistoryQuery(["urn:e:1"]))
-    assert [(r.observed_at, orjson.loads(r.instance)["value"]) for r in got] == [(200, 2)]
+    assert [(r.entity_id, orjson.loads(r.instance)["value"]) for r in got] == [("urn:e:1", 1)]
+
+
+def test_keys_are_stable_63_bit_hashes():
+    """The key depends only on tenant and id (the same in every process), fits SQLite's signed 64-bit integer."""
+    key = sqlite_history.entity_key("", "urn:ngsi-ld:Sensor:1")
+    assert key == sqlite_history.entity_key("", "urn:ngsi-ld:Sensor:1") and 0 <= key < 2 ** 63
+    assert key != sqlite_history.entity_key("busan", "urn:ngsi-ld:Sensor:1")
 
 
 def test_the_one_row_per_instance_table_of_earlier_versions_is_migrated_with_its_cursors(tmp_path):
