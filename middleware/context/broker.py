@@ -90,6 +90,7 @@ class Broker:
             stored = await self.store.get(tenant, ids)
             now = request_now or now_iso()
             state: dict[str, tuple[dict | None, int | None, dict | None]] = {}
+            trail: dict[str, list[dict | None]] = {}  # the states an entity passed through between ops of this call
             for entity_id in ids:
                 found = stored.get(entity_id)
                 state[entity_id] = (found.doc, found.version, found.doc) if found else (None, None, None)
@@ -104,13 +105,22 @@ class Broker:
                     results[index] = error
                     continue
                 results[index] = result
+                if current is not original and new_doc is not current and getattr(fn, "builds_new", False):
+                    trail.setdefault(entity_id, []).append(current)  # an earlier op's state: history keeps it too
                 state[entity_id] = (original, version, new_doc)
             changes: list[Change] = []
             events: list[tuple[dict | None, dict | None]] = []
+            steps: list[tuple[dict | None, dict | None]] = []  # for history: every op's change, not just the net one
             for entity_id in ids:
                 original, version, current = state[entity_id]
                 if current is original:
                     continue
+                passed = trail.get(entity_id)
+                if passed:
+                    chain = [original, *passed, current]
+                    steps.extend(zip(chain, chain[1:]))
+                else:
+                    steps.append((original, current))
                 if original is None:
                     changes.append(Change("insert", entity_id, current, None, current["type"], [], geo_entries(current)))
                 elif current is None:
@@ -124,7 +134,7 @@ class Broker:
                 return results
             planned: list = []
 
-            recorded = self.recorder(events, now) if self.recorder is not None else []  # before the write locks
+            recorded = self.recorder(steps, now) if self.recorder is not None else []  # before the write locks
 
             def plan(conflicted: set, events=events, planned=planned, now=now, recorded=recorded) -> list:
                 kept = [e for e in events if (e[0] or e[1])["id"] not in conflicted]

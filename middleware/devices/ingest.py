@@ -1,8 +1,9 @@
 """The ingest stage: Uplink → device → decode → normalize → one batched commit → acks. Nothing is dropped silently.
 
 Uplinks are gathered into batches (up to `batch_max`, or `batch_wait` seconds after the first one arrived); a batch
-is resolved and decoded while the previous one commits, measurements of one entity within a batch are merged into
-one upsert, and every uplink is acknowledged (MQTT PUBACK) only after its batch is committed or its dead letter is
+is resolved and decoded while the previous one commits, measurements of one entity that set different attributes
+are merged into one upsert (later readings of the same attribute stay upserts of their own, so history keeps every
+reading), and every uplink is acknowledged (MQTT PUBACK) only after its batch is committed or its dead letter is
 stored. A commit that fails (store down) is retried with backoff, never acknowledged before it succeeds.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ class Prepared:
     watch: dict[tuple[str, str], float] = field(default_factory=dict)       # (tenant, Device entity id) → interval
 
     def add(self, tenant: str, body: dict, owner: int) -> None:
-        """Queue a normalized body; merged into the previous body of that entity when nothing can be lost."""
+        """Queue a normalized body; merged into the previous body of that entity when it sets other attributes only."""
         items = self.bodies.setdefault(tenant, {}).setdefault(body["id"], [])
         if items and _mergeable(items[-1][0], body):
             items[-1][0].update(body)
@@ -80,15 +81,17 @@ class Prepared:
 
 
 def _mergeable(into: dict, body: dict) -> bool:
+    """True if body only adds attributes that `into` lacks: then one upsert writes both and no reading is lost.
+
+    A body that sets an attribute `into` already sets is a later reading of it: it stays an upsert of its own
+    (applied in order in the same commit), so history and InfluxDB get every reading, not just the last.
+    """
     if into.get("type") != body.get("type") or into.get("@context") != body.get("@context"):
         return False
     for name, value in body.items():
         if name in ("id", "type", "@context"):
             continue
-        if not isinstance(value, dict) or "datasetId" in value:
-            return False
-        old = into.get(name)
-        if old is not None and (not isinstance(old, dict) or "datasetId" in old):
+        if name in into or not isinstance(value, dict) or "datasetId" in value:
             return False
     return True
 

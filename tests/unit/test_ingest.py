@@ -15,6 +15,7 @@ from middleware.devices.ingest import IOTA_TOPIC, Ingest
 from middleware.devices.southbound import Profiles, mqtt_filters
 from middleware.devices.types import Device, Uplink
 from middleware.store import open_store
+from middleware.store.base import HistoryQuery
 
 PROFILE = ("entity_type: AirQualityObserved\ninterval: 0.2\ntransports: {mqtt: {topics: ['dust/{device_id}/up']}}\n"
            "codec: {format: json}\nattributes:\n  - {name: pm10, unitCode: GQ}\n  - {name: seq, type: integer}\n")
@@ -94,6 +95,17 @@ async def test_one_write_per_entity_and_acks_after_commit(parts):
     assert doc["attrs"][ingest.terms.expand("seq")][0]["value"] == 49
     assert rec.acked == list(range(50))
     assert registry.touched.count("d1") == 50 and letters.letters == []
+
+
+async def test_every_reading_of_a_batch_reaches_the_history(parts):
+    """Readings merged into one entity write still give one history point each, in arrival order."""
+    ingest, broker, registry, letters = parts
+    rec = Recorder()
+    await run(ingest, [rec.uplink("/k/d1/attrs", {"pm10": n, "seq": n}, n) for n in range(20)])
+    rows = await broker.store.history("", HistoryQuery(["urn:ngsi-ld:AirQualityObserved:d1"],
+                                                       attrs={ingest.terms.expand("seq")}))
+    assert [orjson.loads(row.instance)["value"] for row in rows] == list(range(20))
+    assert [row.seq for row in rows] == sorted(row.seq for row in rows) and len({row.seq for row in rows}) == 20
 
 
 async def test_failures_are_dead_letters_and_still_acked(parts):
