@@ -126,18 +126,17 @@ def read(conn: sqlite3.Connection, tenant: str, query: HistoryQuery) -> list[His
 
 
 def after(conn: sqlite3.Connection, seq: int, limit: int) -> list[tuple[str, HistoryRow]]:
-    """(tenant, row) of the instances with a seq above `seq`, oldest first, from at most `limit` log rows."""
+    """(tenant, row) of the instances with a seq above `seq`, oldest first: about `limit` of them, whole log rows."""
     out: list[tuple[str, HistoryRow]] = []
-    taken = 0
-    for row_seq, tenant, entity_id, entity_type, observed_at, points in conn.execute(
-            "SELECT seq, tenant, entity_id, entity_type, observed_at, points FROM history_log WHERE seq >= "
-            "(SELECT coalesce(max(seq), 0) FROM history_log WHERE seq <= ?) ORDER BY seq LIMIT ?", (seq, limit + 1)):  # from the log row holding `seq`, if any
-        rows = [(tenant, row) for row in _unpack(row_seq, entity_id, entity_type, observed_at, points) if row.seq > seq]
-        if rows:
-            if taken == limit:
-                break
-            out.extend(rows)
-            taken += 1
+    cursor = conn.execute(
+        "SELECT seq, tenant, entity_id, entity_type, observed_at, points FROM history_log WHERE seq >= "
+        "(SELECT coalesce(max(seq), 0) FROM history_log WHERE seq <= ?) ORDER BY seq", (seq,))  # from the row holding seq
+    for row_seq, tenant, entity_id, entity_type, observed_at, points in cursor:
+        out.extend((tenant, row) for row in _unpack(row_seq, entity_id, entity_type, observed_at, points)
+                   if row.seq > seq)
+        if len(out) >= limit:
+            break
+    cursor.close()
     return out
 
 

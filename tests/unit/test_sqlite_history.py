@@ -49,7 +49,8 @@ def test_instances_of_one_entity_and_time_share_a_log_row_and_read_back_unpacked
     assert sorted(r.seq for r in got) == [1, 2, 3, 4]  # every instance has a seq of its own, without gaps
     after = sqlite_history.after(conn, 0, 10)
     assert [(row.seq, row.observed_at) for _, row in after] == [(1, 100), (2, 100), (3, 100), (4, 200), (5, 100)]
-    assert [row.seq for _, row in sqlite_history.after(conn, 3, 1)] == [4]  # limit counts log rows
+    assert [row.seq for _, row in sqlite_history.after(conn, 0, 2)] == [1, 2, 3]  # limit counts instances, rows whole
+    assert [row.seq for _, row in sqlite_history.after(conn, 3, 1)] == [4]
     assert [row.seq for _, row in sqlite_history.after(conn, 2, 1)] == [3]  # a seq inside a log row: the rest of it
     assert sqlite_history.after(conn, 5, 10) == []
 
