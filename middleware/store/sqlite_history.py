@@ -30,8 +30,7 @@ CREATE INDEX IF NOT EXISTS history_log_key ON history_log(key, observed_at);
 """
 
 _CHUNK = 500
-_TIME_OF = {"observedAt": lambda row: row.observed_at, "createdAt": lambda row: row.created_at,
-            "modifiedAt": lambda row: row.modified_at}
+_TIME_POSITION = {"observedAt": None, "createdAt": 3, "modifiedAt": 4}  # where a packed point keeps that time
 
 
 def entity_key(tenant: str, entity_id: str) -> int:
@@ -89,40 +88,56 @@ def _unpack(seq: int, entity_id: str, entity_type: str, observed_at: int, points
 
 
 def read(conn: sqlite3.Connection, tenant: str, query: HistoryQuery) -> list[HistoryRow]:
-    """The rows of a history query, per (entity, attribute) in time order, at most query.per_attr of each."""
-    series: dict[tuple[str, str], list[HistoryRow]] = defaultdict(list)
+    """The rows of a history query, per (entity, attribute) in time order, at most query.per_attr of each.
+
+    Points are filtered and cut while still decoded lists; only those returned become HistoryRows (lastN over a
+    long history reads many points and returns few).
+    """
+    series: dict[tuple[str, str], list[tuple]] = defaultdict(list)
     by_observed = query.timeproperty == "observedAt"  # the indexed column; the other two are checked here
-    time_of = _TIME_OF[query.timeproperty]
-    for start in range(0, len(query.entity_ids), _CHUNK):
-        wanted = set(query.entity_ids[start:start + _CHUNK])
+    position = _TIME_POSITION[query.timeproperty]
+    start, end, attrs = query.start, query.end, query.attrs
+    for first in range(0, len(query.entity_ids), _CHUNK):
+        wanted = set(query.entity_ids[first:first + _CHUNK])
         keys = sorted({entity_key(tenant, entity_id) for entity_id in wanted})
         clauses = [f"key IN ({','.join('?' * len(keys))})"]
         params: list = keys
-        if by_observed and query.start is not None:
+        if by_observed and start is not None:
             clauses.append("observed_at >= ?")
-            params.append(query.start)
-        if by_observed and query.end is not None:
+            params.append(start)
+        if by_observed and end is not None:
             clauses.append("observed_at < ?")
-            params.append(query.end)
+            params.append(end)
         for seq, row_tenant, entity_id, entity_type, observed_at, points in conn.execute(
                 f"SELECT seq, tenant, entity_id, entity_type, observed_at, points FROM history_log "
                 f"WHERE {' AND '.join(clauses)}", params):
             if row_tenant != tenant or entity_id not in wanted:
                 continue  # another entity with the same key
-            for row in _unpack(seq, entity_id, entity_type, observed_at, points):
-                if query.attrs is not None and row.attr not in query.attrs:
+            for offset, point in enumerate(orjson.loads(points)):
+                if attrs is not None and point[0] not in attrs:
                     continue
-                if not by_observed:
-                    moment = time_of(row)
-                    if query.start is not None and moment < query.start or query.end is not None and moment >= query.end:
+                if by_observed:
+                    moment = observed_at
+                else:
+                    moment = point[position]
+                    if start is not None and moment < start or end is not None and moment >= end:
                         continue
-                series[(row.entity_id, row.attr)].append(row)
+                series[(entity_id, point[0])].append((moment, seq + offset, entity_type, observed_at, point))
     out: list[HistoryRow] = []
-    for name in sorted(series):
-        rows = series[name]
-        rows.sort(key=lambda r: (time_of(r), r.seq), reverse=query.newest_first)  # stable: packed order kept
-        out.extend(rows if query.per_attr is None else rows[:query.per_attr])
+    dumps = orjson.dumps
+    for (entity_id, attr) in sorted(series):
+        items = series[(entity_id, attr)]
+        items.sort(key=_moment_and_seq, reverse=query.newest_first)
+        if query.per_attr is not None:
+            del items[query.per_attr:]
+        out.extend(HistoryRow(entity_id, entity_type, attr, point[1], point[2], observed_at, point[3], point[4],
+                              bool(point[5]), dumps(point[6]), seq)
+                   for _, seq, entity_type, observed_at, point in items)
     return out
+
+
+def _moment_and_seq(item: tuple) -> tuple[int, int]:
+    return item[0], item[1]
 
 
 def after(conn: sqlite3.Connection, seq: int, limit: int) -> list[tuple[str, HistoryRow]]:
