@@ -34,6 +34,40 @@ from .subscriptions.service import SubscriptionService
 log = logging.getLogger("citybridge")
 
 
+class InternalErrors:
+    """ASGI guard: an unexpected exception becomes a 500 InternalError ProblemDetails, and the connection stays open.
+
+    Starlette's own handler for Exception answers and then re-raises, so uvicorn closes the connection; keep-alive
+    clients (batch loaders, dashboards) then see their next request fail. Here the error is logged and answered
+    instead; only an exception after the response started is re-raised (nothing else can be sent then).
+    """
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(message):
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as error:
+            if started:
+                raise
+            log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
+            body = orjson.dumps(InternalError(f"{error.__class__.__name__}: {error}").problem())
+            await send({"type": "http.response.start", "status": 500,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+
+
 class BodyLimit:
     """ASGI guard: a request body larger than the limit gets 413 ProblemDetails before it is buffered."""
 
@@ -184,11 +218,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         failure.status = error.status_code
         return problem_response(failure)
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, error: Exception) -> Response:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return problem_response(InternalError(f"{error.__class__.__name__}: {error}"))
-
+    app.add_middleware(InternalErrors)  # innermost of ours: the others see a plain 500 response
     app.add_middleware(Backpressure)  # issue 5: 503 + Retry-After on NGSI-LD writes at the InfluxDB backlog bound
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     return app
