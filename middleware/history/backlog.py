@@ -36,27 +36,8 @@ class HistoryBacklogFull(NgsiLdError):
 
 
 async def max_seq(store, floor: int) -> int:
-    """The highest history seq (at least floor): the store's history_max_seq(), else a search with history_after."""
-    direct = getattr(store, "history_max_seq", None)
-    if direct is not None:
-        return max(floor, await direct())
-
-    async def beyond(seq: int) -> bool:
-        return bool(await store.history_after(seq, 1))
-
-    if not await beyond(floor):
-        return floor
-    low, step = floor + 1, 1  # a row with seq >= low exists
-    while await beyond(low + step - 1):
-        low, step = low + step, step * 2
-    high = low + step - 1  # no row beyond high; the maximum lies in [low, high]
-    while low < high:
-        middle = (low + high + 1) // 2
-        if await beyond(middle - 1):
-            low = middle
-        else:
-            high = middle - 1
-    return low
+    """The highest history seq (at least floor), from the store."""
+    return max(floor, await store.history_max_seq())
 
 
 class Backlog:

@@ -198,6 +198,9 @@ class Store(Protocol):
     async def history_after(self, after: int, limit: int) -> list[tuple[str, HistoryRow]]:
         """(tenant, row) of the history rows of every tenant with seq > after, in seq order."""
 
+    async def history_max_seq(self) -> int:
+        """The seq of the newest history row (0 when there is none)."""
+
     async def get_cursor(self, name: str) -> int:
         """The seq a history consumer has handled up to (0 before its first run)."""
 
