@@ -76,7 +76,9 @@ def append(conn: sqlite3.Connection, tenant: str, rows: list[HistoryRow]) -> Non
 
 def last_seq(conn: sqlite3.Connection) -> int:
     """The seq of the newest instance (the last log row's seq plus its points after the first), 0 when empty."""
-    row = conn.execute("SELECT seq, json_array_length(points) FROM history_log ORDER BY seq DESC LIMIT 1").fetchone()
+    # points are stored as orjson's bytes (a BLOB): cast, since SQLite 3.45+ reads a BLOB given to json_* as JSONB
+    row = conn.execute("SELECT seq, json_array_length(CAST(points AS TEXT)) FROM history_log "
+                       "ORDER BY seq DESC LIMIT 1").fetchone()
     return row[0] + row[1] - 1 if row else 0
 
 
@@ -164,7 +166,8 @@ def _migrate(conn: sqlite3.Connection) -> None:
             "INSERT INTO history_log(seq, key, tenant, entity_id, entity_type, observed_at, points) "
             "SELECT seq, citybridge_entity_key(tenant, entity_id), tenant, entity_id, entity_type, observed_at, "
             "json_array(json_array(attr, dataset_id, kind, created_at, modified_at, "
-            "json(CASE WHEN deleted THEN 'true' ELSE 'false' END), json(instance))) FROM history ORDER BY seq")
+            "json(CASE WHEN deleted THEN 'true' ELSE 'false' END), json(CAST(instance AS TEXT)))) FROM history "
+            "ORDER BY seq")
         conn.execute("DROP TABLE history")
         conn.execute("COMMIT")
     except BaseException:

@@ -118,7 +118,7 @@ def test_the_one_row_per_instance_table_of_earlier_versions_is_migrated_with_its
            ("x", "urn:e:2", T + "Sensor", T + "t", "", "Property", 300, 300, 300, 0, '{"type":"Property","value":3}')]
     conn.executemany("INSERT INTO history(seq, tenant, entity_id, entity_type, attr, dataset_id, kind, observed_at, "
                      "created_at, modified_at, deleted, instance) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                     [(seq, *row) for seq, row in zip((10, 20, 30), old)])
+                     [(seq, *row[:-1], row[-1].encode()) for seq, row in zip((10, 20, 30), old)])  # BLOBs, as written
     conn.execute("INSERT INTO history_cursors VALUES ('influxdb', 20)")
     conn.close()
 
