@@ -529,7 +529,7 @@ class SqliteStore:
         """A page of a tenant's devices in creation order (service_path None: every path), and their total."""
         where, params = _registry_filter(tenant, service_path, apikey=apikey)
         if protocol is not None:
-            where += " AND json_extract(doc, '$.protocol')=?"
+            where += " AND json_extract(CAST(doc AS TEXT), '$.protocol')=?"  # a BLOB would be read as JSONB (3.45+)
             params.append(protocol)
 
         def run():
