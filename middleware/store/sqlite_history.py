@@ -47,31 +47,35 @@ def create(conn: sqlite3.Connection) -> None:
 
 
 def append(conn: sqlite3.Connection, tenant: str, rows: list[HistoryRow]) -> None:
-    """Write rows inside the caller's transaction, packed per (entity, observed time), each instance with its seq."""
+    """Write rows inside the caller's transaction, each instance with its seq, in the order given.
+
+    A run of consecutive rows of one entity, type and observed time is packed into one log row (the recorder
+    gives an entity's instances of one change together), so seqs keep the recording order exactly.
+    """
     if not rows:
         return
-    groups: dict[tuple[str, int], list] = {}
-    types: dict[tuple[str, int], str] = {}
     fragment = orjson.Fragment
-    for r in rows:
-        slot = (r.entity_id, r.observed_at)
-        points = groups.get(slot)
-        if points is None:
-            points = groups[slot] = []
-            types[slot] = r.entity_type
-        points.append((r.attr, r.dataset_id, r.kind, r.created_at, r.modified_at, r.deleted, fragment(r.instance)))
-    dumps = orjson.dumps
     keys: dict[str, int] = {}
     seq = last_seq(conn) + 1  # read under the write lock: no other writer can take the same seqs
     values = []
-    for (entity_id, observed), points in groups.items():
-        key = keys.get(entity_id)
-        if key is None:
-            key = keys[entity_id] = entity_key(tenant, entity_id)
-        values.append((seq, key, tenant, entity_id, types[(entity_id, observed)], observed, dumps(points)))
-        seq += len(points)
+    points: list = []
+    head = rows[0]
+    for r in rows:
+        if r.observed_at != head.observed_at or r.entity_id != head.entity_id or r.entity_type != head.entity_type:
+            values.append(_log_row(seq, tenant, head, points, keys))
+            seq += len(points)
+            head, points = r, []
+        points.append((r.attr, r.dataset_id, r.kind, r.created_at, r.modified_at, r.deleted, fragment(r.instance)))
+    values.append(_log_row(seq, tenant, head, points, keys))
     conn.executemany("INSERT INTO history_log(seq, key, tenant, entity_id, entity_type, observed_at, points) "
                      "VALUES (?,?,?,?,?,?,?)", values)
+
+
+def _log_row(seq: int, tenant: str, head: HistoryRow, points: list, keys: dict[str, int]) -> tuple:
+    key = keys.get(head.entity_id)
+    if key is None:
+        key = keys[head.entity_id] = entity_key(tenant, head.entity_id)
+    return seq, key, tenant, head.entity_id, head.entity_type, head.observed_at, orjson.dumps(points)
 
 
 def last_seq(conn: sqlite3.Connection) -> int:
@@ -158,10 +162,17 @@ def after(conn: sqlite3.Connection, seq: int, limit: int) -> list[tuple[str, His
 
 
 def _migrate(conn: sqlite3.Connection) -> None:
-    """Move the rows of the one-row-per-instance `history` table (before 2026-12) into the log, keeping their seqs."""
+    """Move the rows of the one-row-per-instance `history` table (before 2026-12) into the log, keeping their seqs.
+
+    One transaction: a large history holds the write lock for as long as the copy takes (other processes of the
+    store wait up to their busy timeout). Another process may have migrated while this one waited for the lock.
+    """
     conn.create_function("citybridge_entity_key", 2, entity_key, deterministic=True)
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='history'").fetchone():
+            conn.execute("COMMIT")  # done by another process meanwhile
+            return
         conn.execute(
             "INSERT INTO history_log(seq, key, tenant, entity_id, entity_type, observed_at, points) "
             "SELECT seq, citybridge_entity_key(tenant, entity_id), tenant, entity_id, entity_type, observed_at, "

@@ -137,3 +137,32 @@ def test_the_one_row_per_instance_table_of_earlier_versions_is_migrated_with_its
     assert cursor == 20 and [(tenant, row.seq) for tenant, row in after] == [("", 10), ("", 20), ("x", 30)]
     tables = {name for (name,) in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")}
     assert "history" not in tables
+
+
+def test_seqs_follow_the_order_rows_were_recorded_in_even_within_one_commit(tmp_path):
+    """Two steps of one entity in one commit (b@300 a@500, then a@300): the second step's seqs come after the first's."""
+    conn = connect(tmp_path)
+    sqlite_history.create(conn)
+    def at(attr, observed, value):  # both steps written at modifiedAt 600: only the seq orders them
+        return HistoryRow("urn:e:1", T + "Sensor", T + attr, "", "Property", observed, 100, 600, False,
+                          orjson.dumps({"type": "Property", "value": value}))
+    rows = [at("b", 300, "b1"), at("a", 500, "a1"), at("a", 300, "a2")]
+    conn.execute("BEGIN")
+    sqlite_history.append(conn, "", rows)
+    conn.execute("COMMIT")
+    after = sqlite_history.after(conn, 0, 10)
+    assert [(row.seq, orjson.loads(row.instance)["value"]) for _, row in after] == [(1, "b1"), (2, "a1"), (3, "a2")]
+    newest = sqlite_history.read(conn, "", HistoryQuery(["urn:e:1"], attrs={T + "a"}, timeproperty="modifiedAt",
+                                                        newest_first=True, per_attr=1))
+    assert [orjson.loads(r.instance)["value"] for r in newest] == ["a2"]  # the later write of the same modifiedAt
+
+
+def test_a_migration_another_process_already_did_is_a_no_op(tmp_path):
+    """A process that waited for the lock while another migrated finds no old table and leaves the log alone."""
+    conn = connect(tmp_path)
+    sqlite_history.create(conn)
+    conn.execute("BEGIN")
+    sqlite_history.append(conn, "", [point("urn:e:1", "t", 100, 1)])
+    conn.execute("COMMIT")
+    sqlite_history._migrate(conn)  # as if create() had seen the old table just before the other process dropped it
+    assert [row.seq for _, row in sqlite_history.after(conn, 0, 10)] == [1]
