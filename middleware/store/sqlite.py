@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import sqlite3
 import threading
@@ -49,10 +50,16 @@ CREATE INDEX IF NOT EXISTS deadletters_tenant ON deadletters(tenant, seq);
 CREATE TABLE IF NOT EXISTS history_cursors(name TEXT PRIMARY KEY, seq INTEGER NOT NULL);
 """
 
+log = logging.getLogger("citybridge.store.sqlite")
+
 _CHUNK = 500  # SQLite's default limit on host parameters is 32766; keep IN lists well below
 _GEO_SLOTS = 256  # R*Tree id of the k-th GeoProperty instance of entity seq: seq * 256 + k (k < 256)
 _CHECKPOINT_EVERY = 0.25  # seconds between the background checkpoints of the WAL
-_WRITER_CHECKPOINT_PAGES = 50_000  # the writer checkpoints by itself only if the WAL outgrows this (about 200 MB)
+# The background checkpoints rarely finish while the writer keeps appending, and only a finished one lets the WAL
+# start over: the writer checkpoints by itself past this many pages (32 MB; cheap, as most frames are copied
+# already), and the file is cut back to _WAL_LIMIT after it starts over. Unbounded, it grew to 200 MB and stayed.
+_WRITER_CHECKPOINT_PAGES = 8_000
+_WAL_LIMIT = 64 * 1024 * 1024
 
 
 class Checkpointer:
@@ -77,7 +84,11 @@ class Checkpointer:
         self._thread.join()
 
     def _run(self) -> None:
-        conn = self._connect()
+        try:
+            conn = self._connect()
+        except sqlite3.Error:
+            log.exception("the WAL checkpoint thread could not connect; the writer checkpoints by itself")
+            return
         try:
             while True:
                 stopping = self._stop.wait(_CHECKPOINT_EVERY)
@@ -105,9 +116,10 @@ class SqliteStore:
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        conn.execute("PRAGMA busy_timeout=10000")  # first: switching to WAL waits for other processes too
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute(f"PRAGMA journal_size_limit={_WAL_LIMIT}")
         conn.execute("PRAGMA cache_size=-65536")
         return conn
 
