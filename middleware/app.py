@@ -62,10 +62,7 @@ class InternalErrors:
             if started:
                 raise
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
-            body = orjson.dumps(InternalError(f"{error.__class__.__name__}: {error}").problem())
-            await send({"type": "http.response.start", "status": 500,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-            await send({"type": "http.response.body", "body": body})
+            await problem_response(InternalError(f"{error.__class__.__name__}: {error}"))(scope, receive, send)
 
 
 class BodyLimit:

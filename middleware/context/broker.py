@@ -105,7 +105,7 @@ class Broker:
                     results[index] = error
                     continue
                 results[index] = result
-                if current is not original and new_doc is not current and getattr(fn, "builds_new", False):
+                if current is not original and new_doc is not current:  # (an op editing in place returns current)
                     trail.setdefault(entity_id, []).append(current)  # an earlier op's state: history keeps it too
                 state[entity_id] = (original, version, new_doc)
             changes: list[Change] = []

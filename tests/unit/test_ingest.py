@@ -98,7 +98,7 @@ async def test_one_write_per_entity_and_acks_after_commit(parts):
 
 
 async def test_every_reading_of_a_batch_reaches_the_history(parts):
-    """Readings merged into one entity write still give one history point each, in arrival order."""
+    """Readings of one device in one batch (one entity write) give one history point each, in arrival order."""
     ingest, broker, registry, letters = parts
     rec = Recorder()
     await run(ingest, [rec.uplink("/k/d1/attrs", {"pm10": n, "seq": n}, n) for n in range(20)])
