@@ -134,6 +134,19 @@ def test_same_value_with_a_new_observedAt_is_recorded_untouched_attributes_are_n
     assert values_of(body["humidity"]) == [40]
 
 
+def test_a_batch_naming_one_entity_three_times_records_three_instances(api):
+    """Batch upsert (update) with the same entity three times: each write is an instance, and the entity keeps the last."""
+    create(api, sensor())
+    body = [sensor(temperature=value, observed=f"2026-01-01T00:{minute:02d}:00Z")
+            for value, minute in ((21.0, 10), (22.0, 20), (23.0, 30))]
+    response = api.post_json("/entityOperations/upsert?options=update", body)
+    assert response.status_code == 204, response.text
+    got = temporal(api)
+    assert values_of(got["temperature"]) == [20.0, 21.0, 22.0, 23.0]
+    assert len({i["instanceId"] for i in got["temperature"]}) == 4
+    assert api.get(f"/entities/{EID}").json()["temperature"]["value"] == 23.0
+
+
 def test_rejected_write_records_nothing(api):
     """History is written in the entity change's transaction: a create that fails (409) leaves no instance."""
     create(api, sensor())

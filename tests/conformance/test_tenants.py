@@ -48,6 +48,21 @@ def test_entities_are_isolated(api):
     assert [e["id"] for e in api.get("/entities", params={"type": "Thing"}, headers=th(a)).json()] == ["urn:ngsi-ld:Thing:1"]
 
 
+def test_geo_queries_are_per_tenant_even_at_the_same_place(api):
+    """4.14 with 4.10: two tenants with entities at one point; near, within and the other GeoProperty stay apart."""
+    a, b = fresh(), fresh()
+    point = {"type": "GeoProperty", "value": {"type": "Point", "coordinates": [129.0756, 35.1796]}}
+    assert create(api, a, {**entity("urn:ngsi-ld:Thing:a"), "location": point}).status_code == 201
+    assert create(api, b, {**entity("urn:ngsi-ld:Thing:b"), "location": point}).status_code == 201
+    assert create(api, b, {**entity("urn:ngsi-ld:Thing:c"), "observationSpace": point}).status_code == 201
+    near = {"type": "Thing", "georel": "near;maxDistance==100", "geometry": "Point", "coordinates": "[129.0756,35.1796]"}
+    assert [e["id"] for e in api.get("/entities", params=near, headers=th(a)).json()] == ["urn:ngsi-ld:Thing:a"]
+    assert [e["id"] for e in api.get("/entities", params=near, headers=th(b)).json()] == ["urn:ngsi-ld:Thing:b"]
+    other = {**near, "geoproperty": "observationSpace"}
+    assert [e["id"] for e in api.get("/entities", params=other, headers=th(b)).json()] == ["urn:ngsi-ld:Thing:c"]
+    assert api.get("/entities", params=other, headers=th(a)).json() == []
+
+
 def test_same_id_in_two_tenants(api):
     """4.14: the same entity id can exist independently in two tenants."""
     a, b = fresh(), fresh()
