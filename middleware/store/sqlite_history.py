@@ -96,46 +96,55 @@ def _unpack(seq: int, entity_id: str, entity_type: str, observed_at: int, points
 def read(conn: sqlite3.Connection, tenant: str, query: HistoryQuery) -> list[HistoryRow]:
     """The rows of a history query, per (entity, attribute) in time order, at most query.per_attr of each.
 
-    Points are filtered and cut while still decoded lists; only those returned become HistoryRows (lastN over a
-    long history reads many points and returns few).
+    Points are filtered and cut while still decoded lists; only those returned become HistoryRows. lastN of named
+    attributes by observedAt reads each entity newest first through the index and stops once it has enough.
     """
     series: dict[tuple[str, str], list[tuple]] = defaultdict(list)
     by_observed = query.timeproperty == "observedAt"  # the indexed column; the other two are checked here
     position = _TIME_POSITION[query.timeproperty]
-    start, end, attrs = query.start, query.end, query.attrs
+    start, end, attrs, cap = query.start, query.end, query.attrs, query.per_attr
+    early_stop = by_observed and query.newest_first and cap is not None and attrs is not None
     for first in range(0, len(query.entity_ids), _CHUNK):
         wanted = set(query.entity_ids[first:first + _CHUNK])
-        keys = sorted({entity_key(tenant, entity_id) for entity_id in wanted})
-        clauses = [f"key IN ({','.join('?' * len(keys))})"]
-        params: list = keys
+        owners: dict[int, list[str]] = defaultdict(list)  # key → the wanted entities under it (one, but for collisions)
+        for entity_id in wanted:
+            owners[entity_key(tenant, entity_id)].append(entity_id)
+        keys = sorted(owners)
+        clauses = ["key=?"] if early_stop else [f"key IN ({','.join('?' * len(keys))})"]
+        bounds: list = []
         if by_observed and start is not None:
             clauses.append("observed_at >= ?")
-            params.append(start)
+            bounds.append(start)
         if by_observed and end is not None:
             clauses.append("observed_at < ?")
-            params.append(end)
-        for seq, row_tenant, entity_id, entity_type, observed_at, points in conn.execute(
-                f"SELECT seq, tenant, entity_id, entity_type, observed_at, points FROM history_log "
-                f"WHERE {' AND '.join(clauses)}", params):
-            if row_tenant != tenant or entity_id not in wanted:
-                continue  # another entity with the same key
-            for offset, point in enumerate(orjson.loads(points)):
-                if attrs is not None and point[0] not in attrs:
-                    continue
-                if by_observed:
-                    moment = observed_at
-                else:
-                    moment = point[position]
-                    if start is not None and moment < start or end is not None and moment >= end:
+            bounds.append(end)
+        sql = f"SELECT seq, tenant, entity_id, entity_type, observed_at, points FROM history_log WHERE {' AND '.join(clauses)}"
+        if early_stop:
+            sql += " ORDER BY observed_at DESC, seq DESC"
+        for batch in ([key] for key in keys) if early_stop else (keys,):
+            for seq, row_tenant, entity_id, entity_type, observed_at, points in conn.execute(sql, [*batch, *bounds]):
+                if row_tenant != tenant or entity_id not in wanted:
+                    continue  # another entity with the same key
+                for offset, point in enumerate(orjson.loads(points)):
+                    if attrs is not None and point[0] not in attrs:
                         continue
-                series[(entity_id, point[0])].append((moment, seq + offset, entity_type, observed_at, point))
+                    if by_observed:
+                        moment = observed_at
+                    else:
+                        moment = point[position]
+                        if start is not None and moment < start or end is not None and moment >= end:
+                            continue
+                    series[(entity_id, point[0])].append((moment, seq + offset, entity_type, observed_at, point))
+                if early_stop and all(len(series.get((owner, attr), ())) >= cap
+                                      for owner in owners[batch[0]] for attr in attrs):
+                    break  # newer rows came first: the older ones cannot be among the newest `cap`
     out: list[HistoryRow] = []
     dumps = orjson.dumps
     for (entity_id, attr) in sorted(series):
         items = series[(entity_id, attr)]
         items.sort(key=_moment_and_seq, reverse=query.newest_first)
-        if query.per_attr is not None:
-            del items[query.per_attr:]
+        if cap is not None:
+            del items[cap:]
         out.extend(HistoryRow(entity_id, entity_type, attr, point[1], point[2], observed_at, point[3], point[4],
                               bool(point[5]), dumps(point[6]), seq)
                    for _, seq, entity_type, observed_at, point in items)

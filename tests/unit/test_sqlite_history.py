@@ -166,3 +166,32 @@ def test_a_migration_another_process_already_did_is_a_no_op(tmp_path):
     conn.execute("COMMIT")
     sqlite_history._migrate(conn)  # as if create() had seen the old table just before the other process dropped it
     assert [row.seq for _, row in sqlite_history.after(conn, 0, 10)] == [1]
+
+
+def test_last_n_of_named_attributes_stops_early_and_equals_the_full_answer(tmp_path):
+    """lastN by observedAt with attrs reads newest first and stops; the answer is that of sorting every point."""
+    import random
+    conn = connect(tmp_path)
+    sqlite_history.create(conn)
+    rng = random.Random(7)
+    written = []
+    for step in range(300):  # out-of-order and repeated observed times, one to three attributes per change
+        at = rng.randrange(0, 50) * 10
+        rows = [point(entity, attr, at, step) for entity in ("urn:e:1", "urn:e:2")
+                for attr in rng.sample(["a", "b", "c"], rng.randint(1, 3))]
+        conn.execute("BEGIN")
+        sqlite_history.append(conn, "", rows)
+        conn.execute("COMMIT")
+        written.extend(rows)
+    seqs = {id(r): n + 1 for n, r in enumerate(written)}  # seqs follow the order rows were appended
+    for start, end in ((None, None), (100, 400)):
+        query = HistoryQuery(["urn:e:1", "urn:e:2"], attrs={T + "a", T + "b"}, start=start, end=end,
+                             newest_first=True, per_attr=4)
+        got = [(r.entity_id, r.attr, r.observed_at, r.seq) for r in sqlite_history.read(conn, "", query)]
+        expected = []
+        for name in sorted({(r.entity_id, r.attr) for r in written if r.attr in query.attrs}):
+            points = sorted(((r.observed_at, seqs[id(r)]) for r in written if (r.entity_id, r.attr) == name
+                             and (start is None or r.observed_at >= start) and (end is None or r.observed_at < end)),
+                            reverse=True)[:4]
+            expected.extend((*name, at, seq) for at, seq in points)
+        assert got == expected
