@@ -34,6 +34,19 @@ from .subscriptions.service import SubscriptionService
 log = logging.getLogger("citybridge")
 
 
+class TrackedSend:
+    """An ASGI send that remembers whether the response has started (after that, no other answer can be sent)."""
+
+    def __init__(self, send):
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message):
+        if message["type"] == "http.response.start":
+            self.started = True
+        await self.send(message)
+
+
 class InternalErrors:
     """ASGI guard: an unexpected exception becomes a 500 InternalError ProblemDetails, and the connection stays open.
 
@@ -48,18 +61,11 @@ class InternalErrors:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
+        tracked = TrackedSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, tracked)
         except Exception as error:
-            if started:
+            if tracked.started:
                 raise
             log.exception("unexpected error on %s %s", scope.get("method"), scope.get("path"))
             await problem_response(InternalError(f"{error.__class__.__name__}: {error}"))(scope, receive, send)
@@ -79,7 +85,7 @@ class BodyLimit:
             if name == b"content-length" and value.isdigit() and int(value) > self.limit:
                 return await self._reject(send)
         seen = 0
-        started = False
+        tracked = TrackedSend(send)
 
         async def guarded_receive():
             nonlocal seen
@@ -90,16 +96,10 @@ class BodyLimit:
                     raise _TooLarge()
             return message
 
-        async def tracking_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
         try:
-            await self.app(scope, guarded_receive, tracking_send)
+            await self.app(scope, guarded_receive, tracked)
         except _TooLarge:
-            if not started:
+            if not tracked.started:
                 await self._reject(send)
 
     async def _reject(self, send):
