@@ -13,6 +13,7 @@ import pytest
 
 from tests.conftest import Api, Middleware, assert_problem
 from tests.integration.test_influx import EID, Influxd, wait_for
+from tests.integration.test_mqtt_ingest import metric
 
 PROFILE = """entity_type: AirQualityObserved
 transports:
@@ -30,15 +31,6 @@ def influxd(tmp_path):
     server = Influxd(tmp_path)
     yield server
     server.stop()
-
-
-def gauge(url: str, name: str) -> float:
-    """The value of a metric (summed over its label sets) in /metrics."""
-    total = 0.0
-    for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
-        if line.startswith(name + "{") or line.startswith(name + " "):
-            total += float(line.split()[-1])
-    return total
 
 
 def poll(check, what: str, timeout: float = 90):
@@ -78,7 +70,7 @@ def test_backlog_bound_gives_503_holds_mqtt_and_drains_once(influxd, mosquitto, 
         assert api.post_json("/entities", {"id": EID, "type": "Sensor", "temperature": {
             "type": "Property", "value": 0, "observedAt": "2026-01-01T00:00:00Z"}}).status_code == 201
         wait_for(influxd, 'SELECT temperature FROM "Sensor"', 1)
-        assert gauge(middleware.url, "citybridge_influx_backpressure") == 0
+        assert metric(middleware.url, "citybridge_influx_backpressure") == 0
         influxd.stop()
 
         accepted, refused = [0], None
@@ -97,19 +89,19 @@ def test_backlog_bound_gives_503_holds_mqtt_and_drains_once(influxd, mosquitto, 
         assert len(accepted) >= 20
         stored = api.get(f"/entities/{EID}").json()  # reads still work; the refused value was not stored
         assert stored["temperature"]["value"] == accepted[-1]
-        assert gauge(middleware.url, "citybridge_influx_backlog_rows") >= 20
-        assert gauge(middleware.url, "citybridge_influx_backlog_oldest_seconds") > 0
-        assert gauge(middleware.url, "citybridge_influx_backpressure") == 1
+        assert metric(middleware.url, "citybridge_influx_backlog_rows") >= 20
+        assert metric(middleware.url, "citybridge_influx_backlog_oldest_seconds") > 0
+        assert metric(middleware.url, "citybridge_influx_backpressure") == 1
 
         client.connect("127.0.0.1", mosquitto.port)
         client.loop_start()
         client.publish("city/dust/dust-1/up", orjson.dumps({"pm10": 77, "ts": 1_767_225_600_000}), qos=1).wait_for_publish(30)
-        poll(lambda: gauge(middleware.url, 'citybridge_backpressure_total{edge="mqtt"}') >= 1, "the uplink held back")
+        poll(lambda: metric(middleware.url, 'citybridge_backpressure_total{edge="mqtt"}') >= 1, "the uplink held back")
         held = api.get("/entities/urn:ngsi-ld:AirQualityObserved:dust-1")
         assert held.status_code == 404 or "pm10" not in held.json()  # not committed, so not acknowledged either
 
         influxd.start()
-        poll(lambda: gauge(middleware.url, "citybridge_influx_backpressure") == 0, "the backlog to drain")
+        poll(lambda: metric(middleware.url, "citybridge_influx_backpressure") == 0, "the backlog to drain")
         entity = poll(lambda: (r := api.get("/entities/urn:ngsi-ld:AirQualityObserved:dust-1")).status_code == 200
                       and "pm10" in r.json() and r.json(), "the held uplink to commit")
         assert entity["pm10"]["value"] == 77
