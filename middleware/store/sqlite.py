@@ -14,7 +14,7 @@ import orjson
 from .base import Candidates, Change, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
 from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
 from .base import HistoryQuery, HistoryRow  # history (issue 5)
-from . import sqlite_history
+from . import sqlite_history, sqlite_write
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS tenants(name TEXT PRIMARY KEY);
@@ -52,8 +52,6 @@ CREATE TABLE IF NOT EXISTS history_cursors(name TEXT PRIMARY KEY, seq INTEGER NO
 
 log = logging.getLogger("citybridge.store.sqlite")
 
-_CHUNK = 500  # SQLite's default limit on host parameters is 32766; keep IN lists well below
-_GEO_SLOTS = 256  # R*Tree id of the k-th GeoProperty instance of entity seq: seq * 256 + k (k < 256)
 _CHECKPOINT_EVERY = 0.25  # seconds between the background checkpoints of the WAL
 # The background checkpoints rarely finish while the writer keeps appending, and only a finished one lets the WAL
 # start over: the writer checkpoints by itself past this many pages (32 MB; cheap, as most frames are copied
@@ -167,15 +165,12 @@ class SqliteStore:
     async def get(self, tenant: str, ids: list[str]) -> dict[str, Stored]:
         """The stored entities with these ids."""
         def run(conn: sqlite3.Connection) -> dict[str, Stored]:
-            found: dict[str, Stored] = {}
-            for start in range(0, len(ids), _CHUNK):
-                chunk = ids[start:start + _CHUNK]
-                marks = ",".join("?" * len(chunk))
-                rows = conn.execute(
-                    f"SELECT id, version, doc FROM entities WHERE tenant=? AND id IN ({marks})", (tenant, *chunk))
-                for entity_id, version, doc in rows:
-                    found[entity_id] = Stored(orjson.loads(doc), version)
-            return found
+            # one row holding them all: one sqlite3_step, so one return of the GIL (sqlite_write says why)
+            (joined,) = conn.execute(_GET_MANY, (tenant, orjson.dumps(ids).decode())).fetchone()
+            if joined is None:
+                return {}
+            flat = orjson.loads(joined)
+            return {head[0]: Stored(doc, head[1]) for head, doc in zip(flat[::2], flat[1::2])}
         if len(ids) == 1:
             return run(self._lconn)  # a primary-key lookup costs less than the hop to the reader thread
         return await self._read(run, self._rconn)
@@ -186,65 +181,10 @@ class SqliteStore:
 
     def _write(self, tenant: str, changes: list[Change], plan: Plan | None = None) -> list[str]:
         conn = self._wconn
-        conflicts: list[str] = []
-        type_rows: list[tuple] = []
-        stale_types: list[tuple] = []
-        geo_rows: list[tuple] = []
-        stale_geo: list[tuple] = []
-        docs = [orjson.dumps(change.doc) if change.doc is not None else None for change in changes]  # before locking
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute("INSERT OR IGNORE INTO tenants(name) VALUES (?)", (tenant,))
-            for change, doc in zip(changes, docs):
-                if change.kind == "insert":
-                    cur = conn.execute(
-                        "INSERT INTO entities(tenant, id, version, doc) VALUES (?,?,1,?) ON CONFLICT DO NOTHING",
-                        (tenant, change.id, doc))
-                    if cur.rowcount == 0:
-                        conflicts.append(change.id)
-                        continue
-                    seq = cur.lastrowid
-                    type_rows.extend((tenant, t, seq) for t in change.types)
-                    geo_rows.extend(_geo_rows(tenant, seq, change.geo))
-                elif change.kind == "update":
-                    row = conn.execute(
-                        "UPDATE entities SET version=version+1, doc=? WHERE tenant=? AND id=? AND version=? RETURNING seq",
-                        (doc, tenant, change.id, change.version)).fetchone()
-                    if row is None:
-                        conflicts.append(change.id)
-                        continue
-                    seq = row[0]
-                    if change.types != change.old_types:
-                        stale_types.extend((tenant, t, seq) for t in change.old_types)
-                        type_rows.extend((tenant, t, seq) for t in change.types)
-                    if change.geo != change.old_geo:
-                        # the new entries replace the old ones slot by slot; only surplus old slots are deleted
-                        fresh = _geo_rows(tenant, seq, change.geo)
-                        stale_geo.extend((seq * _GEO_SLOTS + k,) for k in range(len(fresh), len(change.old_geo)))
-                        geo_rows.extend(fresh)
-                else:
-                    query = "DELETE FROM entities WHERE tenant=? AND id=?"
-                    params: tuple = (tenant, change.id)
-                    if change.version is not None:
-                        query += " AND version=?"
-                        params += (change.version,)
-                    row = conn.execute(query + " RETURNING seq", params).fetchone()
-                    if row is None:
-                        conflicts.append(change.id)
-                        continue
-                    seq = row[0]
-                    stale_types.extend((tenant, t, seq) for t in change.old_types)
-                    stale_geo.extend((seq * _GEO_SLOTS + k,) for k in range(len(change.old_geo)))
-            if stale_types:
-                conn.executemany("DELETE FROM entity_types WHERE tenant=? AND type=? AND seq=?", stale_types)
-            if type_rows:
-                conn.executemany("INSERT INTO entity_types(tenant, type, seq) VALUES (?,?,?)", type_rows)
-            if stale_geo:
-                conn.executemany("DELETE FROM geo_rtree WHERE gid=?", stale_geo)
-            if geo_rows:
-                # REPLACE: an R*Tree rewrites a slot in place for less than a delete plus an insert
-                conn.executemany("INSERT OR REPLACE INTO geo_rtree(gid, min_x, max_x, min_y, max_y) VALUES (?,?,?,?,?)",
-                                 geo_rows)
+            conflicts = sqlite_write.apply(conn, tenant, changes)
             if plan is not None:
                 rows = plan(set(conflicts))
                 outbox = [row for row in rows if isinstance(row, OutboxRow)]
@@ -657,6 +597,10 @@ class SqliteStore:
             "INSERT INTO history_cursors(name, seq) VALUES (?,?) ON CONFLICT(name) DO UPDATE SET seq=excluded.seq",
             (name, seq)))
 
+# [[id, version], doc, [id, version], doc, ...] of the ids in ?2 (docs are stored JSON text, joined as they are)
+_GET_MANY = ("SELECT '[' || group_concat(json_array(id, version) || ',' || doc, ',') || ']' FROM entities "
+             "WHERE tenant=?1 AND id IN (SELECT value FROM json_each(?2))")
+
 _SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
                "delivery_status FROM subscriptions")
 
@@ -664,11 +608,6 @@ _SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notificat
 def _subscription(row) -> SubscriptionRecord:
     doc = row[2]
     return SubscriptionRecord(row[0], row[1], orjson.loads(doc), row[3], row[4], row[5], row[6], row[7], row[8])
-
-
-def _geo_rows(tenant: str, seq: int, geo) -> list[tuple]:
-    return [(seq * _GEO_SLOTS + k, min_x, max_x, min_y, max_y)
-            for k, (_attr, (min_x, min_y, max_x, max_y)) in enumerate(geo[:_GEO_SLOTS])]
 
 
 def _collect(rows, keep: Keep | None, stop_after: int | None) -> list[dict]:
