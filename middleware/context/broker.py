@@ -138,7 +138,8 @@ class Broker:
 
             def plan(conflicted: set, events=events, planned=planned, now=now, recorded=recorded) -> list:
                 kept = [e for e in events if (e[0] or e[1])["id"] not in conflicted]
-                planned.extend(self.planner(tenant, kept, now) if kept and self.planner is not None else ())
+                # assigned, not extended: the store may call plan again when it retries a failed group one by one
+                planned[:] = self.planner(tenant, kept, now) if kept and self.planner is not None else ()
                 return planned + [row for row in recorded if row.entity_id not in conflicted]
             planning = self.planner is not None or self.recorder is not None
             conflicts = set(await self.store.write(tenant, changes, plan if planning else None))

@@ -1,10 +1,10 @@
-"""Unit: the SQLite store's WAL checkpoint thread."""
+"""Unit: the SQLite store's WAL checkpoint thread and its group commit."""
 from __future__ import annotations
 
 import asyncio
 import os
 
-from middleware.store.base import Change
+from middleware.store.base import Candidates, Change
 from middleware.store.sqlite import SqliteStore
 
 
@@ -26,3 +26,59 @@ async def test_the_checkpoint_thread_copies_the_wal_back_and_stops_on_close(tmp_
     assert os.path.getsize(path) > size_before + 20000  # the 20 kB document is in the database file itself
     await store.close()
     assert not thread.is_alive()
+
+
+def _doc(entity_id: str, value, lon: float = 127.0) -> dict:
+    return {"id": entity_id, "type": ["T"], "createdAt": "x", "modifiedAt": "x",
+            "attrs": {"a": [{"type": "Property", "value": value}],
+                      "location": [{"type": "GeoProperty", "value": {"type": "Point", "coordinates": [lon, 37.0]}}]}}
+
+
+def _insert(entity_id: str, value, lon: float = 127.0) -> Change:
+    return Change("insert", entity_id, _doc(entity_id, value, lon), None, ["T"], [],
+                  [("location", (lon, 37.0, lon, 37.0))])
+
+
+async def test_concurrent_writes_commit_as_one_group_each_with_its_own_conflicts(tmp_path):
+    """Writes waiting together share a transaction; a stale version conflicts only for its own caller."""
+    store = SqliteStore(str(tmp_path / "store.db"))
+    await store.open()
+    try:
+        await store.write("", [_insert("urn:e:0", 0)])
+        transactions = []
+        original = store._in_transaction
+        store._in_transaction = lambda fn: transactions.append(1) or original(fn)
+        stale = Change("update", "urn:e:0", _doc("urn:e:0", "stale"), 5, ["T"], ["T"], [], [])
+        writes = [store.write("", [_insert(f"urn:e:{i}", i, 127.0 + i / 100)]) for i in range(1, 40)]
+        writes.append(store.write("", [stale]))
+        writes.append(store.write("", [_insert("urn:e:1", "twice")]))  # same id as an earlier write of the group
+        results = await asyncio.gather(*writes)
+        assert results[:39] == [[]] * 39
+        assert results[39] == ["urn:e:0"]  # version 5 was never read: only this write conflicts
+        assert results[40] == ["urn:e:1"]  # applied after the first insert of urn:e:1, in the same transaction
+        assert len(transactions) < 10  # 41 writes, a handful of transactions
+        stored = await store.get("", [f"urn:e:{i}" for i in range(40)])
+        assert sorted(stored) == sorted(f"urn:e:{i}" for i in range(40))
+        assert stored["urn:e:1"].doc["attrs"]["a"][0]["value"] == 1 and stored["urn:e:0"].version == 1
+        in_box = await store.query("", Candidates(types=["T"], geo_attr="location", bbox=(127.095, 36.9, 127.205, 37.1)))
+        assert sorted(d["id"] for d in in_box) == [f"urn:e:{i}" for i in range(10, 21)]
+    finally:
+        await store.close()
+
+
+async def test_a_failing_write_in_a_group_fails_alone(tmp_path):
+    """When a grouped transaction fails, the writes are retried one by one: only the bad one raises."""
+    store = SqliteStore(str(tmp_path / "store.db"))
+    await store.open()
+    try:
+        def bad_plan(conflicted):
+            raise RuntimeError("planner broke")
+        writes = [store.write("", [_insert(f"urn:e:{i}", i)]) for i in range(5)]
+        writes.insert(2, store.write("", [_insert("urn:e:bad", 0)], bad_plan))
+        results = await asyncio.gather(*writes, return_exceptions=True)
+        assert isinstance(results[2], RuntimeError)
+        assert [r for k, r in enumerate(results) if k != 2] == [[]] * 5
+        stored = await store.get("", [f"urn:e:{i}" for i in range(5)] + ["urn:e:bad"])
+        assert sorted(stored) == [f"urn:e:{i}" for i in range(5)]  # the bad write was rolled back, the rest kept
+    finally:
+        await store.close()
