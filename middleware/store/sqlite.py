@@ -109,6 +109,7 @@ class _Pending:
     changes: list[Change]
     plan: Plan | None
     future: asyncio.Future
+    planned: tuple | None = None  # (conflicts, rows) of plan's last call: a retry reuses them (plan has side effects)
 
 
 def _rounds(group: list[_Pending]) -> list[list[_Pending]]:
@@ -221,7 +222,10 @@ class SqliteStore:
     async def _commit_waiting(self) -> None:
         loop = asyncio.get_running_loop()
         while self._waiting:
-            group, self._waiting = self._waiting, []
+            group = [pending for pending in self._waiting if not pending.future.cancelled()]  # cancelled: not written
+            self._waiting = []
+            if not group:
+                continue
             try:
                 outcomes = await loop.run_in_executor(self._writer, self._write_group, group)
             except asyncio.CancelledError:
@@ -280,7 +284,11 @@ class SqliteStore:
             mine = [c.id for c in pending.changes if c.id in lost] if lost else []
             outcomes.append(mine)
             if pending.plan is not None:
-                for row in pending.plan(set(mine)):
+                # the planner records what it decided (throttling): when a failed group is retried one by one,
+                # the rows planned for the same conflicts are reused instead of planning again
+                if pending.planned is None or pending.planned[0] != mine:
+                    pending.planned = (mine, pending.plan(set(mine)))
+                for row in pending.planned[1]:
                     (outbox if isinstance(row, OutboxRow) else history).append(row)
         if outbox:
             conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",

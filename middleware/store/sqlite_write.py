@@ -86,10 +86,18 @@ def apply(conn: sqlite3.Connection, tenant: str, changes: list[Change]) -> list[
 
 def _insert(conn: sqlite3.Connection, tenant: str, rows: list[list], docs: bytes) -> list[str]:
     payload = _text(rows)
-    taken = orjson.loads(conn.execute(_TAKEN, (tenant, payload)).fetchone()[0])
-    if taken:  # rare: created by another writer since it was read
-        lost = set(taken)
-        payload = _text([row for row in rows if row[0] not in lost])
+    existing = set(orjson.loads(conn.execute(_TAKEN, (tenant, payload)).fetchone()[0]))
+    kept: list[list] = []
+    seen: set[str] = set()
+    taken: list[str] = []
+    for row in rows:  # an id created by another writer since it was read, or listed twice (the second), conflicts
+        if row[0] in existing or row[0] in seen:
+            taken.append(row[0])
+        else:
+            seen.add(row[0])
+            kept.append(row)
+    if taken:
+        payload = _text(kept)
     conn.execute(_INSERT_ENTITIES, (tenant, payload, docs))
     conn.execute(_INSERT_TYPES, (tenant, payload))
     if any(row[5] for row in rows):

@@ -73,12 +73,35 @@ async def test_a_failing_write_in_a_group_fails_alone(tmp_path):
     try:
         def bad_plan(conflicted):
             raise RuntimeError("planner broke")
-        writes = [store.write("", [_insert(f"urn:e:{i}", i)]) for i in range(5)]
+        calls: list[int] = []
+
+        def counting_plan(i):
+            return lambda conflicted: calls.append(i) or []
+        writes = [store.write("", [_insert(f"urn:e:{i}", i)], counting_plan(i)) for i in range(5)]
         writes.insert(2, store.write("", [_insert("urn:e:bad", 0)], bad_plan))
         results = await asyncio.gather(*writes, return_exceptions=True)
         assert isinstance(results[2], RuntimeError)
         assert [r for k, r in enumerate(results) if k != 2] == [[]] * 5
+        assert sorted(calls) == [0, 1, 2, 3, 4]  # planned once each: the retry reuses what the group planned
         stored = await store.get("", [f"urn:e:{i}" for i in range(5)] + ["urn:e:bad"])
         assert sorted(stored) == [f"urn:e:{i}" for i in range(5)]  # the bad write was rolled back, the rest kept
+    finally:
+        await store.close()
+
+
+async def test_a_write_cancelled_while_waiting_is_not_committed(tmp_path):
+    """A caller that gives up before its write reaches the writer thread leaves nothing behind."""
+    store = SqliteStore(str(tmp_path / "store.db"))
+    await store.open()
+    try:
+        first = asyncio.ensure_future(store.write("", [_insert("urn:e:1", 1)]))
+        await asyncio.sleep(0)  # the committer has taken urn:e:1; urn:e:2 waits for the next group
+        second = asyncio.ensure_future(store.write("", [_insert("urn:e:2", 2)]))
+        await asyncio.sleep(0)
+        second.cancel()
+        assert await first == []
+        await asyncio.sleep(0.05)
+        assert second.cancelled()
+        assert sorted(await store.get("", ["urn:e:1", "urn:e:2"])) == ["urn:e:1"]
     finally:
         await store.close()
