@@ -695,7 +695,7 @@ class SqliteStore:
             "INSERT INTO history_cursors(name, seq) VALUES (?,?) ON CONFLICT(name) DO UPDATE SET seq=excluded.seq",
             (name, seq)))
 
-# [[id, version], doc, [id, version], doc, ...] of the ids in ?2 (docs are stored JSON text, joined as they are)
+# [[id, version], doc, [id, version], doc, ...] of the ids in ?2 (the stored JSON documents joined as they are)
 _GET_MANY = ("SELECT '[' || group_concat(json_array(id, version) || ',' || doc, ',') || ']' FROM entities "
              "WHERE tenant=?1 AND id IN (SELECT value FROM json_each(?2))")
 

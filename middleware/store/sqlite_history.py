@@ -21,6 +21,7 @@ from collections import defaultdict
 
 import orjson
 
+from . import sqlite_write
 from .base import HistoryQuery, HistoryRow
 
 SCHEMA = """
@@ -59,17 +60,18 @@ def append(conn: sqlite3.Connection, tenant: str, rows: list[HistoryRow]) -> Non
     seq = last_seq(conn) + 1  # read under the write lock: no other writer can take the same seqs
     values = []
     points: list = []
-    start = [1]  # where the next row's points begin in the BLOB
     head = rows[0]
     for r in rows:
         if r.observed_at != head.observed_at or r.entity_id != head.entity_id or r.entity_type != head.entity_type:
-            values.append(_log_row(seq, tenant, head, points, keys, start))
+            values.append(_log_row(seq, tenant, head, points, keys))
             seq += len(points)
             head, points = r, []
         points.append((r.attr, r.dataset_id, r.kind, r.created_at, r.modified_at, r.deleted, fragment(r.instance)))
-    values.append(_log_row(seq, tenant, head, points, keys, start))
+    values.append(_log_row(seq, tenant, head, points, keys))
     # one statement for the whole list, the points end to end in one BLOB (sqlite_write says why)
-    blob = b"".join(row.pop() for row in values)
+    spans, blob = sqlite_write.end_to_end([row.pop() for row in values])
+    for row, span in zip(values, spans):
+        row.extend(span)
     conn.execute(_INSERT, (tenant, orjson.dumps(values).decode(), blob))
 
 
@@ -79,14 +81,11 @@ _INSERT = ("INSERT INTO history_log(seq, key, tenant, entity_id, entity_type, ob
            "substr(?3, v.value->>'$[5]', v.value->>'$[6]') FROM json_each(?2) AS v")
 
 
-def _log_row(seq: int, tenant: str, head: HistoryRow, points: list, keys: dict[str, int], start: list) -> list:
+def _log_row(seq: int, tenant: str, head: HistoryRow, points: list, keys: dict[str, int]) -> list:
     key = keys.get(head.entity_id)
     if key is None:
         key = keys[head.entity_id] = entity_key(tenant, head.entity_id)
-    packed = orjson.dumps(points)
-    row = [seq, key, head.entity_id, head.entity_type, head.observed_at, start[0], len(packed), packed]
-    start[0] += len(packed)
-    return row
+    return [seq, key, head.entity_id, head.entity_type, head.observed_at, orjson.dumps(points)]
 
 
 def last_seq(conn: sqlite3.Connection) -> int:

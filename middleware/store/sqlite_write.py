@@ -53,20 +53,25 @@ def _boxes(geo) -> list:
     return [list(box) for _attr, box in geo[:GEO_SLOTS]]
 
 
+def end_to_end(parts: list[bytes]) -> tuple[list[tuple[int, int]], bytes]:
+    """The parts joined in one BLOB, and each one's (start, length) in it for substr (1-based, in bytes)."""
+    spans: list[tuple[int, int]] = []
+    start = 1
+    for part in parts:
+        spans.append((start, len(part)))
+        start += len(part)
+    return spans, b"".join(parts)
+
+
 def _packed(changes: list[Change], index_all: bool) -> tuple[list[list], bytes]:
     """The change list and document BLOB of ?2 and ?3; index_all False lists only types and boxes that changed."""
-    rows: list[list] = []
-    docs: list[bytes] = []
-    start = 1
     dumps = orjson.dumps
-    for c in changes:
-        doc = dumps(c.doc)
-        types = c.types if index_all or c.types != c.old_types else []
-        boxes = _boxes(c.geo) if index_all or c.geo != c.old_geo else []
-        rows.append([c.id, start, len(doc), c.version, types, boxes])
-        docs.append(doc)
-        start += len(doc)
-    return rows, b"".join(docs)
+    spans, docs = end_to_end([dumps(c.doc) for c in changes])
+    rows = [[c.id, start, length, c.version,
+             c.types if index_all or c.types != c.old_types else [],
+             _boxes(c.geo) if index_all or c.geo != c.old_geo else []]
+            for c, (start, length) in zip(changes, spans)]
+    return rows, docs
 
 
 def apply(conn: sqlite3.Connection, tenant: str, changes: list[Change]) -> list[str]:

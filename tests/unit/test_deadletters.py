@@ -9,16 +9,6 @@ import pytest
 from middleware import metrics
 from middleware.devices.deadletters import MAX_PAYLOAD, DeadLetters, as_json
 from middleware.devices.types import Device, Uplink
-from middleware.store.sqlite import SqliteStore
-
-
-@pytest.fixture
-async def store(tmp_path):
-    """A fresh SQLite store."""
-    store = SqliteStore(str(tmp_path / "letters.db"))
-    await store.open()
-    yield store
-    await store.close()
 
 
 def uplink(payload: bytes = b"\x01\x02garbage", topic: str = "/json/k1/dev-1/attrs", at: float = 1_700_000_000.25):

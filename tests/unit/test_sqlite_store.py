@@ -39,69 +39,54 @@ def _insert(entity_id: str, value, lon: float = 127.0) -> Change:
                   [("location", (lon, 37.0, lon, 37.0))])
 
 
-async def test_concurrent_writes_commit_as_one_group_each_with_its_own_conflicts(tmp_path):
+async def test_concurrent_writes_commit_as_one_group_each_with_its_own_conflicts(store):
     """Writes waiting together share a transaction; a stale version conflicts only for its own caller."""
-    store = SqliteStore(str(tmp_path / "store.db"))
-    await store.open()
-    try:
-        await store.write("", [_insert("urn:e:0", 0)])
-        transactions = []
-        original = store._in_transaction
-        store._in_transaction = lambda fn: transactions.append(1) or original(fn)
-        stale = Change("update", "urn:e:0", _doc("urn:e:0", "stale"), 5, ["T"], ["T"], [], [])
-        writes = [store.write("", [_insert(f"urn:e:{i}", i, 127.0 + i / 100)]) for i in range(1, 40)]
-        writes.append(store.write("", [stale]))
-        writes.append(store.write("", [_insert("urn:e:1", "twice")]))  # same id as an earlier write of the group
-        results = await asyncio.gather(*writes)
-        assert results[:39] == [[]] * 39
-        assert results[39] == ["urn:e:0"]  # version 5 was never read: only this write conflicts
-        assert results[40] == ["urn:e:1"]  # applied after the first insert of urn:e:1, in the same transaction
-        assert len(transactions) < 10  # 41 writes, a handful of transactions
-        stored = await store.get("", [f"urn:e:{i}" for i in range(40)])
-        assert sorted(stored) == sorted(f"urn:e:{i}" for i in range(40))
-        assert stored["urn:e:1"].doc["attrs"]["a"][0]["value"] == 1 and stored["urn:e:0"].version == 1
-        in_box = await store.query("", Candidates(types=["T"], geo_attr="location", bbox=(127.095, 36.9, 127.205, 37.1)))
-        assert sorted(d["id"] for d in in_box) == [f"urn:e:{i}" for i in range(10, 21)]
-    finally:
-        await store.close()
+    await store.write("", [_insert("urn:e:0", 0)])
+    transactions = []
+    original = store._in_transaction
+    store._in_transaction = lambda fn: transactions.append(1) or original(fn)
+    stale = Change("update", "urn:e:0", _doc("urn:e:0", "stale"), 5, ["T"], ["T"], [], [])
+    writes = [store.write("", [_insert(f"urn:e:{i}", i, 127.0 + i / 100)]) for i in range(1, 40)]
+    writes.append(store.write("", [stale]))
+    writes.append(store.write("", [_insert("urn:e:1", "twice")]))  # same id as an earlier write of the group
+    results = await asyncio.gather(*writes)
+    assert results[:39] == [[]] * 39
+    assert results[39] == ["urn:e:0"]  # version 5 was never read: only this write conflicts
+    assert results[40] == ["urn:e:1"]  # applied after the first insert of urn:e:1, in the same transaction
+    assert len(transactions) < 10  # 41 writes, a handful of transactions
+    stored = await store.get("", [f"urn:e:{i}" for i in range(40)])
+    assert sorted(stored) == sorted(f"urn:e:{i}" for i in range(40))
+    assert stored["urn:e:1"].doc["attrs"]["a"][0]["value"] == 1 and stored["urn:e:0"].version == 1
+    in_box = await store.query("", Candidates(types=["T"], geo_attr="location", bbox=(127.095, 36.9, 127.205, 37.1)))
+    assert sorted(d["id"] for d in in_box) == [f"urn:e:{i}" for i in range(10, 21)]
 
 
-async def test_a_failing_write_in_a_group_fails_alone(tmp_path):
+async def test_a_failing_write_in_a_group_fails_alone(store):
     """When a grouped transaction fails, the writes are retried one by one: only the bad one raises."""
-    store = SqliteStore(str(tmp_path / "store.db"))
-    await store.open()
-    try:
-        def bad_plan(conflicted):
-            raise RuntimeError("planner broke")
-        calls: list[int] = []
+    def bad_plan(conflicted):
+        raise RuntimeError("planner broke")
+    calls: list[int] = []
 
-        def counting_plan(i):
-            return lambda conflicted: calls.append(i) or []
-        writes = [store.write("", [_insert(f"urn:e:{i}", i)], counting_plan(i)) for i in range(5)]
-        writes.insert(2, store.write("", [_insert("urn:e:bad", 0)], bad_plan))
-        results = await asyncio.gather(*writes, return_exceptions=True)
-        assert isinstance(results[2], RuntimeError)
-        assert [r for k, r in enumerate(results) if k != 2] == [[]] * 5
-        assert sorted(calls) == [0, 1, 2, 3, 4]  # planned once each: the retry reuses what the group planned
-        stored = await store.get("", [f"urn:e:{i}" for i in range(5)] + ["urn:e:bad"])
-        assert sorted(stored) == [f"urn:e:{i}" for i in range(5)]  # the bad write was rolled back, the rest kept
-    finally:
-        await store.close()
+    def counting_plan(i):
+        return lambda conflicted: calls.append(i) or []
+    writes = [store.write("", [_insert(f"urn:e:{i}", i)], counting_plan(i)) for i in range(5)]
+    writes.insert(2, store.write("", [_insert("urn:e:bad", 0)], bad_plan))
+    results = await asyncio.gather(*writes, return_exceptions=True)
+    assert isinstance(results[2], RuntimeError)
+    assert [r for k, r in enumerate(results) if k != 2] == [[]] * 5
+    assert sorted(calls) == [0, 1, 2, 3, 4]  # planned once each: the retry reuses what the group planned
+    stored = await store.get("", [f"urn:e:{i}" for i in range(5)] + ["urn:e:bad"])
+    assert sorted(stored) == [f"urn:e:{i}" for i in range(5)]  # the bad write was rolled back, the rest kept
 
 
-async def test_a_write_cancelled_while_waiting_is_not_committed(tmp_path):
+async def test_a_write_cancelled_while_waiting_is_not_committed(store):
     """A caller that gives up before its write reaches the writer thread leaves nothing behind."""
-    store = SqliteStore(str(tmp_path / "store.db"))
-    await store.open()
-    try:
-        first = asyncio.ensure_future(store.write("", [_insert("urn:e:1", 1)]))
-        await asyncio.sleep(0)  # the committer has taken urn:e:1; urn:e:2 waits for the next group
-        second = asyncio.ensure_future(store.write("", [_insert("urn:e:2", 2)]))
-        await asyncio.sleep(0)
-        second.cancel()
-        assert await first == []
-        await asyncio.sleep(0.05)
-        assert second.cancelled()
-        assert sorted(await store.get("", ["urn:e:1", "urn:e:2"])) == ["urn:e:1"]
-    finally:
-        await store.close()
+    first = asyncio.ensure_future(store.write("", [_insert("urn:e:1", 1)]))
+    await asyncio.sleep(0)  # the committer has taken urn:e:1; urn:e:2 waits for the next group
+    second = asyncio.ensure_future(store.write("", [_insert("urn:e:2", 2)]))
+    await asyncio.sleep(0)
+    second.cancel()
+    assert await first == []
+    await asyncio.sleep(0.05)
+    assert second.cancelled()
+    assert sorted(await store.get("", ["urn:e:1", "urn:e:2"])) == ["urn:e:1"]
