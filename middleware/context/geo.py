@@ -326,6 +326,16 @@ def _to_shape(value: dict):
     return shapely.geometry.shape(value)
 
 
+def _fast_point(value: dict) -> tuple[float, float] | None:
+    """(lon, lat) of a GeoJSON Point with finite numeric coordinates, else None (left to shapely)."""
+    c = value.get("coordinates")
+    if isinstance(c, (list, tuple)) and len(c) >= 2 and type(c[0]) in (int, float) and type(c[1]) in (int, float):
+        lon, lat = float(c[0]), float(c[1])
+        if math.isfinite(lon) and math.isfinite(lat):
+            return lon, lat
+    return None
+
+
 def _point_coords(geom) -> np.ndarray | None:
     """(N, 2) lon/lat array when geom is a Point or MultiPoint, else None."""
     if shapely.get_type_id(geom) in (0, 4):
@@ -361,6 +371,7 @@ class GeoQuery:
         "_aeqd",
         "_proj",
         "_index_bbox",
+        "_point",
     )
 
     def __init__(
@@ -400,6 +411,8 @@ class GeoQuery:
         self._aeqd = _Aeqd(*centre)
         self._proj = None  # projected query geometry, built on first non point-point distance
         self._index_bbox = self._compute_index_bbox()
+        self._point = (float(self._points[0, 0]), float(self._points[0, 1])) if self._points is not None \
+            and len(self._points) == 1 else None  # near a single point: plain haversine, no shapely
 
     def __repr__(self) -> str:
         return (
@@ -441,6 +454,15 @@ class GeoQuery:
 
     def matches(self, value: dict) -> bool:
         """Exact test of one stored GeoJSON geometry against the query (shapely, DE-9IM)."""
+        if value.get("type") == "Point":  # the common case (a located sensor) is settled without shapely when it can be
+            point = _fast_point(value)
+            box = self._index_bbox
+            if point is not None and box is not None and not (box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]):
+                return False  # outside the box every match lies in (the R-tree prefilter's box)
+            if point is not None and self._point is not None and self.georel == "near":
+                d = haversine_m(self._point[0], self._point[1], point[0], point[1])
+                return not ((self.max_distance is not None and d > self.max_distance + _TOLERANCE_M)
+                            or (self.min_distance is not None and d < self.min_distance - _TOLERANCE_M))
         try:
             stored = _to_shape(value)
         except Exception:  # not a usable geometry (stored data is validated on write; be defensive)

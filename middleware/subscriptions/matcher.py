@@ -28,6 +28,7 @@ PREVIOUS_MEMBER = {"value": "previousValue", "object": "previousObject", "langua
                    "valueList": "previousValueList", "objectList": "previousObjectList", "json": "previousJson",
                    "vocab": "previousVocab"}
 _TIMES = ("createdAt", "modifiedAt")
+_MISSING = object()
 
 
 @dataclass(eq=False)
@@ -180,18 +181,36 @@ class SubscriptionIndex:
         return list(found.values())
 
 
-def _without_times(inst: dict) -> dict:
-    return {k: (_without_times(v) if isinstance(v, dict) and ":" in k else v) for k, v in inst.items() if k not in _TIMES}
+def _same_instance(a: dict, b: dict) -> bool:
+    """True if two attribute instances are equal but for createdAt/modifiedAt, at any depth of sub-attributes."""
+    for key, value in a.items():
+        if key in _TIMES:
+            continue
+        other = b.get(key, _MISSING)
+        if value is other or value == other:
+            continue
+        if not (":" in key and isinstance(value, dict) and isinstance(other, dict) and _same_instance(value, other)):
+            return False
+    return all(key in a or key in _TIMES for key in b)
 
 
-def attribute_changes(old: dict | None, new: dict | None) -> tuple[set[str], set[str], set[str]]:
-    """(created, updated, deleted) attribute names; updated means some member has a different value (5.8.6)."""
+def _same_instances(a: list[dict], b: list[dict]) -> bool:
+    return len(a) == len(b) and all(x is y or _same_instance(x, y) for x, y in zip(a, b))
+
+
+def attribute_changes(old: dict | None, new: dict | None,
+                      compared: frozenset[str] | None = None) -> tuple[set[str], set[str], set[str]]:
+    """(created, updated, deleted) attribute names; updated means some member has a different value (5.8.6).
+
+    With `compared`, only those attributes are checked for an update (the ones some candidate watches)."""
     old_attrs = old["attrs"] if old else {}
     new_attrs = new["attrs"] if new else {}
-    created = set(new_attrs) - set(old_attrs)
-    deleted = set(old_attrs) - set(new_attrs)
-    updated = {name for name in set(new_attrs) & set(old_attrs)
-               if [_without_times(i) for i in new_attrs[name]] != [_without_times(i) for i in old_attrs[name]]}
+    created = new_attrs.keys() - old_attrs.keys()
+    deleted = old_attrs.keys() - new_attrs.keys()
+    common = new_attrs.keys() & old_attrs.keys()
+    if compared is not None:
+        common &= compared
+    updated = {name for name in common if not _same_instances(new_attrs[name], old_attrs[name])}
     return created, updated, deleted
 
 
@@ -316,13 +335,18 @@ class Planner:
         clock = time.monotonic()
         for old, new in events:
             doc = new if new is not None else old
-            if not by_attr and not index.candidates(tenant, doc, ()):
-                continue  # nobody watches this entity's id or types
-            changes = attribute_changes(old, new)
-            touched = changes[0] | changes[1] | changes[2]
-            for sub in index.candidates(tenant, doc, touched):
-                if sub.periodic or not sub.active() or not sub.selects(doc):
-                    continue
+            if by_attr:  # some subscriptions are found by the attributes a change touches: compare them all
+                changes = attribute_changes(old, new)
+                subs = index.candidates(tenant, doc, changes[0] | changes[1] | changes[2])
+                subs = [sub for sub in subs if not sub.periodic and sub.active() and sub.selects(doc)]
+            else:  # found by id or type alone: compare only what the candidates watch
+                subs = [sub for sub in index.candidates(tenant, doc, ())
+                        if not sub.periodic and sub.active() and sub.selects(doc)]
+                if not subs:
+                    continue  # nobody watches this entity's id or types
+                watched = [sub.watched for sub in subs]
+                changes = attribute_changes(old, new, None if None in watched else frozenset().union(*watched))
+            for sub in subs:
                 if trigger_of(sub, old, new, changes) is None or not sub.filters(doc):
                     continue
                 throttling = sub.doc.get("throttling")
