@@ -5,11 +5,12 @@ holds the subscription's delivery lease (so of several processes sharing a store
 subscription, keeping its order). The worker reads the oldest pending rows, skips those it already sent
 whose removal is not yet recorded, sends the rest one by one and hands the outcome to the settler, which
 records delivered rows and statuses for many subscriptions in one store transaction every few
-milliseconds (and before a lease is given back, so another process never re-sends them). A failed row is
+milliseconds (and before a lease is given back, so another process never re-sends them). Having sent all
+that a read returned, a worker waits for the next wake() rather than reading again. A failed row is
 recorded at once and retried after a backoff before any later row of its subscription (order is kept);
 after the retry budget it is dropped and counted in the subscription status. An idle worker lingers a
-moment, keeping its lease, so a steady flow costs no lease traffic; leases are taken, renewed and given back in bulk. A slow endpoint only ever holds
-its own subscription's worker, sends share a bounded number of slots, and ingest never waits for delivery.
+moment, keeping its lease, so a steady flow costs no lease traffic; leases are taken, renewed and given
+back in bulk. A slow endpoint only ever holds its own subscription's worker, sends share a bounded number of slots, and ingest never waits for delivery.
 """
 from __future__ import annotations
 
@@ -179,11 +180,11 @@ class Dispatcher:
                 rows = await self.store.outbox_next(tenant, sub_id, _BATCH + len(sent))
                 fresh = [row for row in rows if row[0] not in sent]
                 if fresh:
-                    await self._deliver(key, fresh[:_BATCH])
-                    continue
-                if rows:  # only rows already sent: their removal is being recorded
-                    await asyncio.sleep(self.settle_every)
-                    continue
+                    complete = await self._deliver(key, fresh[:_BATCH])
+                    if not complete or len(fresh) > _BATCH or len(rows) == _BATCH + len(sent):
+                        continue  # a row to retry, or more rows than one read takes: read again at once
+                # Every row pending at the read is sent (or was, its removal being recorded); a row committed
+                # since came with wake(), which set the signal cleared before the read, so waiting misses none.
                 try:
                     await asyncio.wait_for(signal.wait(), self.linger)
                 except asyncio.TimeoutError:
@@ -201,13 +202,16 @@ class Dispatcher:
             if signal.is_set() and not self._closing:
                 self.wake(tenant, sub_id)  # rows arrived while this worker was finishing
 
-    async def _deliver(self, key: Key, rows: list[tuple[int, bytes, int]]) -> None:
-        """Send rows in order, stopping at a failed one (retried after a backoff, before any later row)."""
+    async def _deliver(self, key: Key, rows: list[tuple[int, bytes, int]]) -> bool:
+        """Send rows in order, stopping at a failed one (retried after a backoff, before any later row).
+
+        True when every row was handled (delivered, dropped after its retry budget, or of a deleted subscription)."""
         tenant, sub_id = key
         done: list[int] = []
         for seq, payload, attempts in rows:
             if key not in self.held:
-                break
+                self._record_success(tenant, sub_id, done)
+                return False
             sub = self.lookup(tenant, sub_id)
             if sub is None:  # deleted meanwhile: its notifications go with it
                 done.append(seq)
@@ -232,10 +236,11 @@ class Dispatcher:
                 log.info("notification for %s failed (attempt %d): %s", sub_id, attempts, failure)
                 delay = min(self.backoff_max, self.backoff_start * 2 ** (attempts - 1))
                 await asyncio.sleep(random.uniform(delay / 2, delay))
-                return
+                return False
             metrics.notification(True)
             done.append(seq)
         self._record_success(tenant, sub_id, done)
+        return True
 
     def _record_success(self, tenant: str, sub_id: str, done: list[int]) -> None:
         if done:
