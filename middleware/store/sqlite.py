@@ -406,10 +406,10 @@ class SqliteStore:
 
     async def outbox_next(self, tenant: str, sub_id: str, limit: int) -> list[tuple[int, bytes, int]]:
         """The oldest pending notifications of a subscription: (seq, payload, attempts)."""
-        def run():
-            return self._rconn.execute("SELECT seq, payload, attempts FROM outbox WHERE tenant=? AND subscription_id=? "
-                                       "ORDER BY seq LIMIT ?", (tenant, sub_id, limit)).fetchall()
-        return await self._read(run)
+        # an indexed read of at most `limit` rows, on the loop's own connection: it costs less than the hop to the
+        # reader thread, and a delivery worker makes one per batch it sends
+        return self._lconn.execute("SELECT seq, payload, attempts FROM outbox WHERE tenant=? AND subscription_id=? "
+                                   "ORDER BY seq LIMIT ?", (tenant, sub_id, limit)).fetchall()
 
     async def outbox_pending(self) -> list[tuple[str, str]]:
         """(tenant, subscription id) of every subscription with pending notifications."""
