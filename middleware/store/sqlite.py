@@ -419,43 +419,40 @@ class SqliteStore:
 
     async def outbox_settle(self, settlements: list[Settlement]) -> None:
         """In one transaction: remove delivered or abandoned rows, count attempts on retried rows, update statuses."""
+        statuses: dict[tuple[str, str], list] = {}  # one row per subscription: counts added, the last stamps kept
+        for item in settlements:
+            row = statuses.setdefault((item.tenant, item.sub_id), [item.tenant, item.sub_id, 0, 0, None, None, None, None])
+            st = item.status
+            row[2] += st.sent
+            row[3] += st.failed
+            for position, value in ((4, st.last_notification), (5, st.last_success), (6, st.last_failure), (7, st.status)):
+                if value is not None:
+                    row[position] = value
+
         def run(conn):
-            done = [(seq,) for item in settlements for seq in item.done]
+            done = [seq for item in settlements for seq in item.done]
             if done:
-                conn.executemany("DELETE FROM outbox WHERE seq=?", done)
+                conn.execute(_SETTLE_DONE, (orjson.dumps(done).decode(),))
             retries = [(item.retry[1], item.retry[0]) for item in settlements if item.retry is not None]
             if retries:
                 conn.executemany("UPDATE outbox SET attempts=? WHERE seq=?", retries)
-            conn.executemany(
-                "UPDATE subscriptions SET times_sent=times_sent+?, times_failed=times_failed+?, "
-                "last_notification=coalesce(?, last_notification), last_success=coalesce(?, last_success), "
-                "last_failure=coalesce(?, last_failure), delivery_status=coalesce(?, delivery_status) "
-                "WHERE tenant=? AND id=?",
-                [(i.status.sent, i.status.failed, i.status.last_notification, i.status.last_success,
-                  i.status.last_failure, i.status.status, i.tenant, i.sub_id) for i in settlements])
+            conn.execute(_SETTLE_STATUS, (orjson.dumps(list(statuses.values())).decode(),))
         await self._write_op(run)
 
     async def acquire_leases(self, owner: str, keys: list[tuple[str, str]], ttl: float) -> set[tuple[str, str]]:
         """Take or renew delivery leases of (tenant, subscription id); return those now held by owner."""
         def run(conn):
             now = time.time()
-            held = set()
-            for tenant, sub_id in keys:
-                cur = conn.execute(
-                    "INSERT INTO delivery_leases(tenant, subscription_id, owner, until) VALUES (?,?,?,?) "
-                    "ON CONFLICT(tenant, subscription_id) DO UPDATE SET owner=excluded.owner, until=excluded.until "
-                    "WHERE delivery_leases.owner=excluded.owner OR delivery_leases.until<?",
-                    (tenant, sub_id, owner, now + ttl, now))
-                if cur.rowcount == 1:
-                    held.add((tenant, sub_id))
-            return held
+            listed = orjson.dumps(keys).decode()
+            conn.execute(_TAKE_LEASES, (owner, now + ttl, listed, now))
+            (held,) = conn.execute(_HELD_LEASES, (owner, listed)).fetchone()
+            return {(tenant, sub_id) for tenant, sub_id in orjson.loads(held)}
         return await self._write_op(run)
 
     async def release_leases(self, owner: str, keys: list[tuple[str, str]]) -> None:
         """Give delivery leases back."""
         def run(conn):
-            conn.executemany("DELETE FROM delivery_leases WHERE tenant=? AND subscription_id=? AND owner=?",
-                             [(t, s, owner) for t, s in keys])
+            conn.execute(_RELEASE_LEASES, (owner, orjson.dumps(keys).decode()))
         await self._write_op(run)
 
     # ---------------------------------------------------------------- device registry and dead letters (issue 4)
@@ -695,6 +692,30 @@ class SqliteStore:
             "INSERT INTO history_cursors(name, seq) VALUES (?,?) ON CONFLICT(name) DO UPDATE SET seq=excluded.seq",
             (name, seq)))
 
+# The outbox and lease statements take their rows as one JSON list (json_each), like sqlite_write: a settlement
+# or a lease round of hundreds of subscriptions is then a few sqlite3_steps, not one (and one GIL return) per row.
+_SETTLE_DONE = "DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?1))"
+_SETTLE_STATUS = (
+    "WITH s AS MATERIALIZED (SELECT c.value->>'$[0]' AS tenant, c.value->>'$[1]' AS id, c.value->>'$[2]' AS sent, "
+    "c.value->>'$[3]' AS failed, c.value->>'$[4]' AS last_notification, c.value->>'$[5]' AS last_success, "
+    "c.value->>'$[6]' AS last_failure, c.value->>'$[7]' AS status FROM json_each(?1) AS c) "
+    "UPDATE subscriptions SET times_sent=times_sent+s.sent, times_failed=times_failed+s.failed, "
+    "last_notification=coalesce(s.last_notification, subscriptions.last_notification), "
+    "last_success=coalesce(s.last_success, subscriptions.last_success), "
+    "last_failure=coalesce(s.last_failure, subscriptions.last_failure), "
+    "delivery_status=coalesce(s.status, subscriptions.delivery_status) "
+    "FROM s WHERE subscriptions.tenant=s.tenant AND subscriptions.id=s.id")
+_TAKE_LEASES = (
+    "INSERT INTO delivery_leases(tenant, subscription_id, owner, until) "
+    "SELECT c.value->>'$[0]', c.value->>'$[1]', ?1, ?2 FROM json_each(?3) AS c WHERE true "
+    "ON CONFLICT(tenant, subscription_id) DO UPDATE SET owner=excluded.owner, until=excluded.until "
+    "WHERE delivery_leases.owner=excluded.owner OR delivery_leases.until<?4")
+_HELD_LEASES = (
+    "SELECT json_group_array(json_array(l.tenant, l.subscription_id)) FROM json_each(?2) AS c "
+    "CROSS JOIN delivery_leases l ON l.tenant=c.value->>'$[0]' AND l.subscription_id=c.value->>'$[1]' "
+    "WHERE l.owner=?1")
+_RELEASE_LEASES = ("DELETE FROM delivery_leases WHERE owner=?1 AND (tenant, subscription_id) IN "
+                   "(SELECT value->>'$[0]', value->>'$[1]' FROM json_each(?2))")
 # [[id, version], doc, [id, version], doc, ...] of the ids in ?2 (the stored JSON documents joined as they are)
 _GET_MANY = ("SELECT '[' || group_concat(json_array(id, version) || ',' || doc, ',') || ']' FROM entities "
              "WHERE tenant=?1 AND id IN (SELECT value FROM json_each(?2))")

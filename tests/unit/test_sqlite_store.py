@@ -1,4 +1,4 @@
-"""Unit: the SQLite store's WAL checkpoint thread and its group commit."""
+"""Unit: the SQLite store's WAL checkpoint thread, its group commit, delivery leases and outbox settlements."""
 from __future__ import annotations
 
 import asyncio
@@ -90,3 +90,44 @@ async def test_a_write_cancelled_while_waiting_is_not_committed(store):
     await asyncio.sleep(0.05)
     assert second.cancelled()
     assert sorted(await store.get("", ["urn:e:1", "urn:e:2"])) == ["urn:e:1"]
+
+
+async def test_leases_are_taken_renewed_refused_and_given_back_in_one_round(store):
+    keys = [("t", f"urn:ngsi-ld:Subscription:{n}") for n in range(300)]
+    assert await store.acquire_leases("a", keys[:200], ttl=60) == set(keys[:200])
+    # b gets only the free ones; a renews its own, duplicates in one round are harmless
+    assert await store.acquire_leases("b", keys + keys[250:], ttl=60) == set(keys[200:])
+    assert await store.acquire_leases("a", keys[:10], ttl=60) == set(keys[:10])
+    await store.release_leases("a", keys[:100] + keys[200:210])  # only a's own are given back
+    assert await store.acquire_leases("b", keys[:100] + keys[100:110], ttl=60) == set(keys[:100])
+    assert await store.acquire_leases("a", keys[200:201], ttl=-1) == set()
+    # an expired lease is taken over
+    await store.acquire_leases("c", [("t", "x")], ttl=-1)
+    assert await store.acquire_leases("d", [("t", "x")], ttl=60) == {("t", "x")}
+
+
+async def test_a_settlement_removes_its_rows_and_adds_up_each_subscriptions_status(store):
+    from middleware.store.base import OutboxRow, Settlement, StatusUpdate
+    for n in range(3):
+        assert await store.put_subscription("t", f"s{n}", {"id": f"s{n}", "type": "Subscription"}, create=True)
+    await store.add_outbox("t", [OutboxRow(f"s{n % 3}", b'{"n": %d}' % n) for n in range(9)])
+    rows = {n: await store.outbox_next("t", f"s{n}", 10) for n in range(3)}
+    assert [len(r) for r in rows.values()] == [3, 3, 3]
+    ok = StatusUpdate(sent=2, last_notification="2026-01-01T00:00:01Z", last_success="2026-01-01T00:00:01Z",
+                      status="ok")
+    later = StatusUpdate(sent=1, failed=1, last_notification="2026-01-01T00:00:02Z",
+                         last_failure="2026-01-01T00:00:02Z", status="failed")
+    await store.outbox_settle([
+        Settlement("t", "s0", [rows[0][0][0], rows[0][1][0]], None, ok),
+        Settlement("t", "s0", [], (rows[0][2][0], 1), later),
+        Settlement("t", "s1", [seq for seq, _, _ in rows[1]], None, StatusUpdate(sent=3, status="ok")),
+    ])
+    assert [(seq, attempts) for seq, _, attempts in await store.outbox_next("t", "s0", 10)] == [(rows[0][2][0], 1)]
+    assert await store.outbox_next("t", "s1", 10) == []
+    assert len(await store.outbox_next("t", "s2", 10)) == 3
+    s0, s1, s2 = [await store.get_subscription("t", f"s{n}") for n in range(3)]
+    assert (s0.times_sent, s0.times_failed) == (3, 1)
+    assert (s0.last_notification, s0.last_success, s0.last_failure) == (
+        "2026-01-01T00:00:02Z", "2026-01-01T00:00:01Z", "2026-01-01T00:00:02Z")
+    assert s0.status == "failed" and s1.status == "ok" and s1.times_sent == 3
+    assert (s2.times_sent, s2.status, s2.last_success) == (0, None, None)
