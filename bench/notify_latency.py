@@ -331,6 +331,7 @@ async def _paced(url: str, rate: float, seqs: range, n_entities: int, max_conns:
     done: dict[int, float] = {}
     statuses: dict[int, int] = {}
     slot = asyncio.Semaphore(max_conns)
+    reopened = [0]
     requests = {s: patch_request(s, n_entities) for s in seqs}
 
     async def one(seq: int) -> None:
@@ -342,12 +343,21 @@ async def _paced(url: str, rate: float, seqs: range, n_entities: int, max_conns:
                 conn = await RawConnection.open(host, port)
                 opened += 1
             sent[seq] = time.monotonic()
-            status, _ = await conn.request(requests[seq])
+            try:
+                status, _ = await conn.request(requests[seq])
+            except (ConnectionError, asyncio.IncompleteReadError):
+                # the server closed this pooled connection while it sat idle (its keep-alive timeout), before
+                # reading the request: send it again on a new connection (before this, the PATCH was lost silently)
+                conn.close()
+                conn = await RawConnection.open(host, port)
+                opened += 1
+                reopened[0] += 1
+                status, _ = await conn.request(requests[seq])
             done[seq] = time.monotonic()
             statuses[status] = statuses.get(status, 0) + 1
             idle.append(conn)
 
-    tasks = set()
+    tasks = []  # all kept, so that a request's exception surfaces in gather instead of vanishing
     start = time.monotonic() + 0.05
     lag_max = 0.0
     for i, seq in enumerate(seqs):
@@ -358,14 +368,13 @@ async def _paced(url: str, rate: float, seqs: range, n_entities: int, max_conns:
             await asyncio.sleep(delay)
         else:
             lag_max = max(lag_max, -delay)
-        task = asyncio.create_task(one(seq))
-        tasks.add(task)
-        task.add_done_callback(tasks.discard)
+        tasks.append(asyncio.create_task(one(seq)))
     end_sched = time.monotonic()
-    await asyncio.gather(*list(tasks))
+    await asyncio.gather(*tasks)
     for conn in idle:
         conn.close()
     return {"sched": sched, "sent": sent, "done": done, "statuses": statuses, "connections": opened,
+            "reopened": reopened[0],
             "send_window": end_sched - start, "lag_max": lag_max,
             "completed_rate": len(done) / (max(done.values()) - start) if done else float("nan")}
 
@@ -453,7 +462,7 @@ def run_one(args, receiver: Receiver, n_subs: int) -> dict:
            "connections": r["connections"], "pending": pending, "totals": totals, "store": server.label,
            "drain": drained}
     print(f"load    : {total:,} PATCHes (+{warm:,} warm-up) scheduled at {args.rate:,.0f}/s, answered at "
-          f"{achieved:,.0f}/s, {r['connections']} connection(s) opened, statuses {res['statuses']}, "
+          f"{achieved:,.0f}/s, {r['connections']} connection(s) opened ({r['reopened']} after the server closed an idle one), statuses {res['statuses']}, "
           f"max scheduling lag {r['lag_max'] * 1000:.1f} ms")
     print(f"count   : sent {res['sent']:,}  received {res['received_updates']:,} updates in "
           f"{res['received_notifications']:,} notifications  missing {res['missing']}  duplicates {dups} "
