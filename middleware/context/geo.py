@@ -457,7 +457,9 @@ class GeoQuery:
         if value.get("type") == "Point":  # the common case (a located sensor) is settled without shapely when it can be
             point = _fast_point(value)
             box = self._index_bbox
-            if point is not None and box is not None and not (box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3]):
+            outside = point is not None and box is not None and not (
+                box[0] <= point[0] <= box[2] and box[1] <= point[1] <= box[3])
+            if outside:
                 return False  # outside the box every match lies in (the R-tree prefilter's box)
             if point is not None and self._point is not None and self.georel == "near":
                 d = haversine_m(self._point[0], self._point[1], point[0], point[1])

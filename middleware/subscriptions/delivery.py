@@ -10,7 +10,8 @@ that a read returned, a worker waits for the next wake() rather than reading aga
 recorded at once and retried after a backoff before any later row of its subscription (order is kept);
 after the retry budget it is dropped and counted in the subscription status. An idle worker lingers a
 moment, keeping its lease, so a steady flow costs no lease traffic; leases are taken, renewed and given
-back in bulk. A slow endpoint only ever holds its own subscription's worker, sends share a bounded number of slots, and ingest never waits for delivery.
+back in bulk. A slow endpoint only ever holds its own subscription's worker, sends share a bounded
+number of slots, and ingest never waits for delivery.
 """
 from __future__ import annotations
 

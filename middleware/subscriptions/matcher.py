@@ -335,15 +335,16 @@ class Planner:
         clock = time.monotonic()
         for old, new in events:
             doc = new if new is not None else old
+            changes = None
             if by_attr:  # some subscriptions are found by the attributes a change touches: compare them all
                 changes = attribute_changes(old, new)
-                subs = index.candidates(tenant, doc, changes[0] | changes[1] | changes[2])
-                subs = [sub for sub in subs if not sub.periodic and sub.active() and sub.selects(doc)]
-            else:  # found by id or type alone: compare only what the candidates watch
-                subs = [sub for sub in index.candidates(tenant, doc, ())
-                        if not sub.periodic and sub.active() and sub.selects(doc)]
-                if not subs:
-                    continue  # nobody watches this entity's id or types
+                found = index.candidates(tenant, doc, changes[0] | changes[1] | changes[2])
+            else:
+                found = index.candidates(tenant, doc, ())
+            subs = [sub for sub in found if not sub.periodic and sub.active() and sub.selects(doc)]
+            if not subs:
+                continue  # nobody watches this entity
+            if changes is None:  # found by id or type alone: compare only what the candidates watch
                 watched = [sub.watched for sub in subs]
                 changes = attribute_changes(old, new, None if None in watched else frozenset().union(*watched))
             for sub in subs:
