@@ -253,8 +253,10 @@ class PostgresStore:
         """Delete a subscription and its pending notifications."""
         async with self.pool.acquire() as conn:
             async with conn.transaction():
-                status = await conn.execute("DELETE FROM subscriptions WHERE tenant=$1 AND id=$2", tenant, sub_id)
+                # outbox rows first, then the subscription: the order outbox_settle locks them in (the reverse
+                # order deadlocked with a settlement of the same subscription)
                 await conn.execute("DELETE FROM outbox WHERE tenant=$1 AND subscription_id=$2", tenant, sub_id)
+                status = await conn.execute("DELETE FROM subscriptions WHERE tenant=$1 AND id=$2", tenant, sub_id)
         return status.endswith(" 1")
 
     async def add_outbox(self, tenant: str, rows: list[OutboxRow]) -> None:
@@ -289,7 +291,8 @@ class PostgresStore:
                     "last_failure=coalesce($7, last_failure), delivery_status=coalesce($8, delivery_status) "
                     "WHERE tenant=$1 AND id=$2",
                     [(i.tenant, i.sub_id, i.status.sent, i.status.failed, i.status.last_notification,
-                      i.status.last_success, i.status.last_failure, i.status.status) for i in settlements])
+                      i.status.last_success, i.status.last_failure, i.status.status)
+                     for i in sorted(settlements, key=lambda i: (i.tenant, i.sub_id))])  # one lock order for all
 
     async def acquire_leases(self, owner: str, keys: list[tuple[str, str]], ttl: float) -> set[tuple[str, str]]:
         """Take or renew delivery leases of (tenant, subscription id); return those now held by owner."""
