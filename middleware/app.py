@@ -136,7 +136,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.contexts = ContextResolver(timeout=settings.context_timeout, cache_ttl=settings.context_cache_ttl)
         app.state.subscriptions = SubscriptionService(
             store, app.state.broker, app.state.contexts, timeout=settings.notify_timeout,
-            max_attempts=settings.notify_max_attempts, backoff_max=settings.notify_backoff_max)
+            max_attempts=settings.notify_max_attempts, backoff_max=settings.notify_backoff_max,
+            join=settings.notify_join)
         await app.state.subscriptions.start()
         app.state.forwarder = forwarder_from_settings(settings, store, app.state.contexts.core.compact)  # issue 5
         if app.state.forwarder is not None:

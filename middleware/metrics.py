@@ -33,6 +33,8 @@ UPLINKS = Counter("citybridge_uplinks", "Uplinks received from devices, per tran
 COMMITTED = Counter("citybridge_measurements_committed", "Measurements committed to the context store")
 DEADLETTERS = Counter("citybridge_deadletters", "Uplinks dead-lettered, per reason code", ["reason"])
 NOTIFICATIONS = Counter("citybridge_notifications", "Notifications sent to subscribers, per outcome", ["outcome"])
+NOTIFICATIONS_JOINED = Counter("citybridge_notifications_joined", "Queued notifications joined into fewer ones "
+                               "when delivery fell behind (rows: before, notifications: after)", ["unit"])
 INFLUX_POINTS = Counter("citybridge_influx_points", "History points sent to InfluxDB, per outcome", ["outcome"])
 INFLUX_BACKLOG = Gauge("citybridge_influx_backlog_rows", "History rows not yet written to InfluxDB",
                        multiprocess_mode="max")
@@ -73,6 +75,12 @@ def deadletter(reason: str) -> None:
 def notification(ok: bool) -> None:
     """Count one notification delivered (ok) or given up / failed (not ok)."""
     NOTIFICATIONS.labels(outcome="sent" if ok else "failed").inc()
+
+
+def notifications_joined(rows: int, notifications: int) -> None:
+    """Count queued notification rows joined into fewer notifications."""
+    NOTIFICATIONS_JOINED.labels(unit="rows").inc(rows)
+    NOTIFICATIONS_JOINED.labels(unit="notifications").inc(notifications)
 
 
 def influx_points(n: int, ok: bool) -> None:

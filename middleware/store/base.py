@@ -180,6 +180,14 @@ class Store(Protocol):
     async def outbox_next(self, tenant: str, sub_id: str, limit: int) -> list[tuple[int, bytes, int]]:
         """The oldest pending notifications of a subscription: (seq, payload, attempts)."""
 
+    async def outbox_last(self, tenant: str, sub_id: str) -> int:
+        """The seq of the subscription's newest pending notification (0 if none)."""
+
+    async def outbox_merge(self, tenant: str, sub_id: str, merges: list[tuple[list[int], bytes]]) -> bool:
+        """In one transaction, for each (seqs, payload): the first row takes the payload, the others go.
+
+        False, changing nothing, if any of the rows is gone or was attempted already."""
+
     async def outbox_pending(self) -> list[tuple[str, str]]:
         """(tenant, subscription id) of every subscription with pending notifications."""
 

@@ -270,6 +270,29 @@ class PostgresStore:
                                      "ORDER BY seq LIMIT $3", tenant, sub_id, limit)
         return [(r["seq"], r["payload"], r["attempts"]) for r in rows]
 
+    async def outbox_last(self, tenant: str, sub_id: str) -> int:
+        """The seq of the subscription's newest pending notification (0 if none)."""
+        last = await self.pool.fetchval("SELECT max(seq) FROM outbox WHERE tenant=$1 AND subscription_id=$2",
+                                        tenant, sub_id)
+        return last or 0
+
+    async def outbox_merge(self, tenant: str, sub_id: str, merges: list[tuple[list[int], bytes]]) -> bool:
+        """In one transaction, for each (seqs, payload): the first row takes the payload, the others go."""
+        seqs = sorted(seq for group, _payload in merges for seq in group)
+        async with self.pool.acquire() as conn:
+            async with conn.transaction():
+                # locked in seq order, the order a settlement or a subscription's deletion takes them in
+                found = await conn.fetch("SELECT seq FROM outbox WHERE seq = ANY($1::bigint[]) AND tenant=$2 "
+                                         "AND subscription_id=$3 AND attempts=0 ORDER BY seq FOR UPDATE",
+                                         seqs, tenant, sub_id)
+                if len(found) != len(seqs):
+                    return False
+                await conn.executemany("UPDATE outbox SET payload=$2 WHERE seq=$1",
+                                       [(group[0], payload) for group, payload in merges])
+                await conn.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])",
+                                   [seq for group, _payload in merges for seq in group[1:]])
+        return True
+
     async def outbox_pending(self) -> list[tuple[str, str]]:
         """(tenant, subscription id) of every subscription with pending notifications."""
         rows = await self.pool.fetch("SELECT DISTINCT tenant, subscription_id FROM outbox")

@@ -127,6 +127,10 @@ def _rounds(group: list[_Pending]) -> list[list[_Pending]]:
     return rounds
 
 
+class _Unmerged(Exception):
+    """A row of an outbox merge was gone or attempted: the transaction is rolled back."""
+
+
 class SqliteStore:
     """Context store in one SQLite file (the embedded default)."""
 
@@ -410,6 +414,29 @@ class SqliteStore:
         # reader thread, and a delivery worker makes one per batch it sends
         return self._lconn.execute("SELECT seq, payload, attempts FROM outbox WHERE tenant=? AND subscription_id=? "
                                    "ORDER BY seq LIMIT ?", (tenant, sub_id, limit)).fetchall()
+
+    async def outbox_last(self, tenant: str, sub_id: str) -> int:
+        """The seq of the subscription's newest pending notification (0 if none)."""
+        (last,) = self._lconn.execute("SELECT max(seq) FROM outbox WHERE tenant=? AND subscription_id=?",
+                                      (tenant, sub_id)).fetchone()
+        return last or 0
+
+    async def outbox_merge(self, tenant: str, sub_id: str, merges: list[tuple[list[int], bytes]]) -> bool:
+        """In one transaction, for each (seqs, payload): the first row takes the payload, the others go."""
+        def run(conn):
+            for seqs, payload in merges:
+                kept = conn.execute("UPDATE outbox SET payload=? WHERE seq=? AND tenant=? AND subscription_id=? "
+                                    "AND attempts=0", (payload, seqs[0], tenant, sub_id)).rowcount
+                gone = conn.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) AND tenant=? "
+                                    "AND subscription_id=? AND attempts=0",
+                                    (orjson.dumps(seqs[1:]).decode(), tenant, sub_id)).rowcount
+                if kept != 1 or gone != len(seqs) - 1:
+                    raise _Unmerged()
+            return True
+        try:
+            return await self._write_op(run)
+        except _Unmerged:
+            return False
 
     async def outbox_pending(self) -> list[tuple[str, str]]:
         """(tenant, subscription id) of every subscription with pending notifications."""

@@ -24,6 +24,7 @@ from typing import Callable
 from .. import metrics
 from ..context.model import now_iso
 from ..store.base import Settlement, StatusUpdate, Store
+from . import joining
 from .matcher import Compiled
 from .senders import Delivery, DeliveryFailed, HttpSender, MqttSender
 
@@ -31,6 +32,7 @@ log = logging.getLogger("citybridge.notify")
 
 _BATCH = 100
 Key = tuple[str, str]  # (tenant, subscription id)
+Row = joining.Row
 
 
 class Dispatcher:
@@ -38,7 +40,8 @@ class Dispatcher:
 
     def __init__(self, store: Store, lookup: Callable[[str, str], Compiled | None], *, timeout: float = 10.0,
                  max_attempts: int = 20, backoff_start: float = 0.5, backoff_max: float = 60.0,
-                 lease_ttl: float = 10.0, linger: float = 2.0, concurrency: int = 128, settle_every: float = 0.02):
+                 lease_ttl: float = 10.0, linger: float = 2.0, concurrency: int = 128, settle_every: float = 0.02,
+                 join: bool = True):
         self.store = store
         self.lookup = lookup
         self.max_attempts = max_attempts
@@ -47,6 +50,7 @@ class Dispatcher:
         self.lease_ttl = lease_ttl
         self.linger = linger
         self.settle_every = settle_every
+        self.join = join
         self.owner = f"citybridge-{uuid.uuid4().hex}"
         self.http = HttpSender(timeout)
         self.mqtt = MqttSender(timeout)
@@ -175,13 +179,23 @@ class Dispatcher:
         try:
             if key not in self.held and not await self._acquire(key):
                 return  # another process delivers this subscription
+            horizon: int | None = None  # rows up to this seq may have been sent by an earlier owner: never joined
             while key in self.held:
                 signal.clear()
                 sent = set(self.sent.get(key, ()))  # a copy from before the read: the settler may shrink the set
-                rows = await self.store.outbox_next(tenant, sub_id, _BATCH + len(sent))
+                limit = _BATCH + len(sent)
+                rows = await self.store.outbox_next(tenant, sub_id, limit)
+                if horizon is None:
+                    # every row an earlier owner can have sent was committed before this lease was taken
+                    full = len(rows) == limit
+                    horizon = await self.store.outbox_last(tenant, sub_id) if full else max((r[0] for r in rows),
+                                                                                          default=0)
                 fresh = [row for row in rows if row[0] not in sent]
                 if fresh:
-                    complete = await self._deliver(key, fresh[:_BATCH])
+                    batch = await self._join(key, fresh[:_BATCH], horizon) if self.join else fresh[:_BATCH]
+                    if batch is None:
+                        continue  # the rows changed under the merge: read them again
+                    complete = await self._deliver(key, batch)
                     if not complete or len(fresh) > _BATCH or len(rows) == _BATCH + len(sent):
                         continue  # a row to retry, or more rows than one read takes: read again at once
                 # Every row pending at the read is sent (or was, its removal being recorded); a row committed
@@ -202,6 +216,27 @@ class Dispatcher:
                 self._releases.append(key)
             if signal.is_set() and not self._closing:
                 self.wake(tenant, sub_id)  # rows arrived while this worker was finishing
+
+    async def _join(self, key: Key, rows: list[Row], horizon: int) -> list[Row] | None:
+        """The rows with each run of joinable ones replaced by one joined row, recorded in the store first.
+
+        None if the store refused the merge (a row was removed meanwhile, or the store failed)."""
+        grouped = joining.groups(rows, horizon)
+        if len(grouped) == len(rows):
+            return rows
+        merges = [([row[0] for row in group], joining.join([row[1] for row in group]))
+                  for group in grouped if len(group) > 1]
+        try:
+            merged = await self.store.outbox_merge(key[0], key[1], merges)
+        except Exception:  # e.g. a lock conflict: nothing was merged, the rows are read again
+            log.warning("joining queued notifications of %s failed; reading them again", key[1], exc_info=True)
+            merged = False
+        if not merged:
+            await asyncio.sleep(0.05)
+            return None
+        payloads = {seqs[0]: payload for seqs, payload in merges}
+        metrics.notifications_joined(sum(len(seqs) for seqs, _ in merges), len(merges))
+        return [group[0] if len(group) == 1 else (group[0][0], payloads[group[0][0]], 0) for group in grouped]
 
     async def _deliver(self, key: Key, rows: list[tuple[int, bytes, int]]) -> bool:
         """Send rows in order, stopping at a failed one (retried after a backoff, before any later row).

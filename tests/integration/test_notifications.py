@@ -12,6 +12,7 @@ import time
 import uuid
 from datetime import datetime, timedelta, timezone
 
+import httpx
 import orjson
 import pytest
 
@@ -468,6 +469,36 @@ def test_slow_endpoint_delays_neither_other_subscriptions_nor_writes(api, receiv
     assert values(receiver.wait(slow_path, 6)) == [0, 1, 2, 3, 4, 5]
 
 
+def _entity_values(requests: list[dict]) -> list[list[tuple[str, object]]]:
+    """(entity id, temperature) of each entity of each notification."""
+    return [[(item["id"], item["temperature"]["value"]) for item in data(r)] for r in requests]
+
+
+def test_notifications_piled_up_behind_a_slow_endpoint_are_joined_in_order(api, receiver):
+    """Queued changes of distinct entities go out as one notification; an entity never twice in one."""
+    ids = [f"urn:ngsi-ld:Sensor:j{n}" for n in range(10)]
+    for n, e in enumerate(ids):
+        create(api, entity(e, temperature=-1))
+    path, uri = receiver.endpoint()
+    receiver.held[path] = gate = threading.Event()
+    sub_id = subscribe(api, uri)
+    patch(api, ids[0], temperature=0)
+    receiver.wait(path, 1, status=None)  # held: the rest queue up behind it
+    for n, e in enumerate(ids[1:], start=1):
+        patch(api, e, temperature=n)
+    patch(api, ids[1], temperature=100)
+    del receiver.held[path]
+    gate.set()
+    delivered = receiver.wait_for(path, lambda body: body["data"][0]["temperature"]["value"] == 100)
+    assert _entity_values(delivered) == [[(ids[0], 0)], [(e, n) for n, e in enumerate(ids) if n], [(ids[1], 100)]]
+    assert len({r["body"]["id"] for r in delivered}) == 3
+    wait_subscription(api, sub_id, lambda b: b["notification"].get("timesSent") == 3)
+    metrics = httpx.get(str(api.base_url).split("/ngsi-ld")[0] + "/metrics", timeout=10).text
+    joined = {line.split('"')[1]: float(line.split()[-1]) for line in metrics.splitlines()
+              if line.startswith("citybridge_notifications_joined_total{")}
+    assert joined["rows"] >= 9 and joined["notifications"] >= 1
+
+
 # --------------------------------------------------------------------------------------------- failures
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
@@ -515,6 +546,27 @@ def test_endpoint_answering_500_then_ok_gets_everything_in_order(own_api, receiv
     assert len(set(ids)) == 4 and {r["body"]["id"] for r in failed} == {ids[0]}
     status = wait_subscription(own_api, sub_id, lambda b: b["notification"].get("status") == "ok")["notification"]
     assert "lastSuccess" in status and "lastFailure" in status and status["timesSent"] >= 4 + len(failed)
+
+
+def test_a_joined_notification_is_retried_under_its_own_id(own_api, receiver):
+    """The joined notification is stored before it is sent: every retry carries the same id and entities."""
+    ids = [f"urn:ngsi-ld:Sensor:rj{n}" for n in range(4)]
+    path, uri = receiver.endpoint()
+    receiver.held[path] = gate = threading.Event()
+    subscribe(own_api, uri)
+    create(own_api, entity(ids[0], temperature=0))
+    receiver.wait(path, 1, status=None)
+    for n, e in enumerate(ids[1:], start=1):
+        create(own_api, entity(e, temperature=n))
+    receiver.status = 500
+    del receiver.held[path]
+    gate.set()
+    failed = receiver.wait(path, 2, status=500)
+    receiver.status = 200
+    delivered = receiver.wait(path, 2)
+    assert _entity_values(delivered) == [[(ids[0], 0)], [(e, n) for n, e in enumerate(ids) if n]]
+    assert {r["body"]["id"] for r in failed} == {delivered[1]["body"]["id"]}
+    assert all(r["body"] == delivered[1]["body"] for r in failed)
 
 
 def test_endpoint_down_then_up_gets_everything_in_order(own_api, receiver):
@@ -595,5 +647,34 @@ def test_killed_middleware_delivers_pending_notifications_after_restart(fresh_st
         assert values(delivered) == [0, 1, 2, 3]
         ids = [r["body"]["id"] for r in delivered]
         assert len(set(ids)) == 4 and first_attempts[0]["body"]["id"] == ids[0]
+    finally:
+        server.stop()
+
+
+def test_notifications_pending_at_a_restart_are_not_joined(fresh_store, receiver):
+    """Rows queued before a restart may have been sent by the dead process: each goes again under its own id."""
+    url, workdir = fresh_store
+    env = {"CITYBRIDGE_NOTIFY_BACKOFF_MAX": "0.5"}
+    server = Middleware(url, workdir, **env)
+    client = Api(server.url, f"t{uuid.uuid4().hex[:12]}")
+    path, uri = receiver.endpoint()
+    receiver.held[path] = gate = threading.Event()
+    subscribe(client, uri)
+    ids = [f"urn:ngsi-ld:Sensor:restart{n}" for n in range(4)]
+    create(client, entity(ids[0], temperature=0))
+    (in_flight,) = receiver.wait(path, 1)  # sent, never answered: the dead process cannot record it
+    for n, e in enumerate(ids[1:], start=1):
+        create(client, entity(e, temperature=n))
+    client.close()
+    server.process.kill()
+    server.process.wait(10)
+    server.log.close()
+    del receiver.held[path]
+    gate.set()
+    server = Middleware(url, workdir, **env)
+    try:
+        delivered = receiver.wait(path, 5, timeout=40)[1:]  # the dead process's delivery lease must run out first
+        assert _entity_values(delivered) == [[(e, n)] for n, e in enumerate(ids)]
+        assert delivered[0]["body"]["id"] == in_flight["body"]["id"]
     finally:
         server.stop()
