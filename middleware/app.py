@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.subscriptions = SubscriptionService(
             store, app.state.broker, app.state.contexts, timeout=settings.notify_timeout,
             max_attempts=settings.notify_max_attempts, backoff_max=settings.notify_backoff_max,
-            join=settings.notify_join)
+            join_backlog=settings.notify_join_backlog)
         await app.state.subscriptions.start()
         app.state.forwarder = forwarder_from_settings(settings, store, app.state.contexts.core.compact)  # issue 5
         if app.state.forwarder is not None:

@@ -32,7 +32,7 @@ def main() -> None:
 @click.option("--notify-timeout", type=float, default=None, help=_help("notify_timeout"))
 @click.option("--notify-max-attempts", type=int, default=None, help=_help("notify_max_attempts"))
 @click.option("--notify-backoff-max", type=float, default=None, help=_help("notify_backoff_max"))
-@click.option("--notify-join/--no-notify-join", default=None, help=_help("notify_join"))
+@click.option("--notify-join-backlog", type=int, default=None, help=_help("notify_join_backlog"))
 @click.option("--log-level", default=None, help=_help("log_level"))
 @click.option("--workers", type=int, default=None, help=_help("workers"))
 @click.option("--mqtt-enabled/--no-mqtt", default=None, help=_help("mqtt_enabled"))

@@ -28,9 +28,10 @@ class Settings(BaseSettings):
     notify_timeout: float = Field(10.0, description="seconds to wait for a notification endpoint (unless its own timeout is set)")
     notify_max_attempts: int = Field(20, description="delivery attempts of a notification before it is recorded as failed")
     notify_backoff_max: float = Field(60.0, description="longest wait, in seconds, between two delivery attempts")
-    notify_join: bool = Field(True, description="when a subscription's queued notifications pile up (its endpoint is "
-                              "slower than its updates), send consecutive ones joined into one notification whose data "
-                              "lists their entities (never two versions of one entity in one notification)")
+    notify_join_backlog: int = Field(10, description="when a delivery read finds at least this many queued "
+                                     "notifications of one subscription (its endpoint is slower than its updates), "
+                                     "consecutive ones of distinct entities are sent joined in one notification "
+                                     "(0: never)")
     log_level: str = Field("info", description="debug, info, warning or error")
     workers: int = Field(1, description="uvicorn worker processes; they share the store (SQLite in WAL mode or PostgreSQL)")
     mqtt_enabled: bool = Field(True, description="ingest device uplinks over MQTT (IoT Agent JSON topics and profile topics)")

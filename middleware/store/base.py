@@ -183,10 +183,13 @@ class Store(Protocol):
     async def outbox_last(self, tenant: str, sub_id: str) -> int:
         """The seq of the subscription's newest pending notification (0 if none)."""
 
-    async def outbox_merge(self, tenant: str, sub_id: str, merges: list[tuple[list[int], bytes]]) -> bool:
-        """In one transaction, for each (seqs, payload): the first row takes the payload, the others go.
+    async def outbox_merge(self, tenant: str, sub_id: str, owner: str,
+                           merges: list[tuple[list[tuple[int, bytes]], bytes]]) -> bool:
+        """In one transaction, for each (rows as (seq, payload) read, joined payload): the first row takes the
+        joined payload, the others go.
 
-        False, changing nothing, if any of the rows is gone or was attempted already."""
+        False, changing nothing, unless owner holds the subscription's delivery lease and every row is still
+        there as read and never attempted."""
 
     async def outbox_pending(self) -> list[tuple[str, str]]:
         """(tenant, subscription id) of every subscription with pending notifications."""

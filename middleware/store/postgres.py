@@ -6,7 +6,6 @@ middleware processes can share one database without losing each other's writes.
 """
 from __future__ import annotations
 
-import time
 
 import asyncpg
 import orjson
@@ -276,21 +275,30 @@ class PostgresStore:
                                         tenant, sub_id)
         return last or 0
 
-    async def outbox_merge(self, tenant: str, sub_id: str, merges: list[tuple[list[int], bytes]]) -> bool:
-        """In one transaction, for each (seqs, payload): the first row takes the payload, the others go."""
-        seqs = sorted(seq for group, _payload in merges for seq in group)
-        async with self.pool.acquire() as conn:
-            async with conn.transaction():
-                # locked in seq order, the order a settlement or a subscription's deletion takes them in
-                found = await conn.fetch("SELECT seq FROM outbox WHERE seq = ANY($1::bigint[]) AND tenant=$2 "
-                                         "AND subscription_id=$3 AND attempts=0 ORDER BY seq FOR UPDATE",
-                                         seqs, tenant, sub_id)
-                if len(found) != len(seqs):
-                    return False
-                await conn.executemany("UPDATE outbox SET payload=$2 WHERE seq=$1",
-                                       [(group[0], payload) for group, payload in merges])
-                await conn.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])",
-                                   [seq for group, _payload in merges for seq in group[1:]])
+    async def outbox_merge(self, tenant: str, sub_id: str, owner: str,
+                           merges: list[tuple[list[tuple[int, bytes]], bytes]]) -> bool:
+        """In one transaction, for each (rows read, joined payload): the first row takes it, the others go."""
+        read = {seq: bytes(payload) for rows, _joined in merges for seq, payload in rows}
+        try:
+            async with self.pool.acquire() as conn:
+                async with conn.transaction():
+                    # NOWAIT: a merge never waits for a lock, so it cannot take part in a deadlock (a refused
+                    # merge only means the rows are sent as they are, or joined at the next read)
+                    if await conn.fetchval("SELECT 1 FROM delivery_leases WHERE tenant=$1 AND subscription_id=$2 "
+                                           "AND owner=$3 AND until > extract(epoch FROM clock_timestamp())::float8 "
+                                           "FOR SHARE NOWAIT", tenant, sub_id, owner) is None:
+                        return False
+                    found = await conn.fetch("SELECT seq, payload FROM outbox WHERE seq = ANY($1::bigint[]) "
+                                             "AND tenant=$2 AND subscription_id=$3 AND attempts=0 FOR UPDATE NOWAIT",
+                                             list(read), tenant, sub_id)
+                    if {r["seq"]: bytes(r["payload"]) for r in found} != read:
+                        return False
+                    await conn.executemany("UPDATE outbox SET payload=$2 WHERE seq=$1",
+                                           [(rows[0][0], joined) for rows, joined in merges])
+                    await conn.execute("DELETE FROM outbox WHERE seq = ANY($1::bigint[])",
+                                       [seq for rows, _joined in merges for seq, _p in rows[1:]])
+        except asyncpg.LockNotAvailableError:
+            return False
         return True
 
     async def outbox_pending(self) -> list[tuple[str, str]]:
@@ -319,14 +327,16 @@ class PostgresStore:
 
     async def acquire_leases(self, owner: str, keys: list[tuple[str, str]], ttl: float) -> set[tuple[str, str]]:
         """Take or renew delivery leases of (tenant, subscription id); return those now held by owner."""
-        now = time.time()
+        # the database's clock, not each process's: processes on several hosts agree on when a lease runs out
         rows = await self.pool.fetch(
             "INSERT INTO delivery_leases(tenant, subscription_id, owner, until) "
-            "SELECT u.t, u.s, $3, $4 FROM unnest($1::text[], $2::text[]) AS u(t, s) "
+            "SELECT u.t, u.s, $3, extract(epoch FROM clock_timestamp())::float8 + $4::float8 "
+            "FROM unnest($1::text[], $2::text[]) AS u(t, s) "
             "ON CONFLICT(tenant, subscription_id) DO UPDATE SET owner=excluded.owner, until=excluded.until "
-            "WHERE delivery_leases.owner=excluded.owner OR delivery_leases.until<$5 "
+            "WHERE delivery_leases.owner=excluded.owner "
+            "OR delivery_leases.until < extract(epoch FROM clock_timestamp())::float8 "
             "RETURNING tenant, subscription_id",
-            [k[0] for k in keys], [k[1] for k in keys], owner, now + ttl, now)
+            [k[0] for k in keys], [k[1] for k in keys], owner, ttl)
         return {(r["tenant"], r["subscription_id"]) for r in rows}
 
     async def release_leases(self, owner: str, keys: list[tuple[str, str]]) -> None:

@@ -127,10 +127,6 @@ def _rounds(group: list[_Pending]) -> list[list[_Pending]]:
     return rounds
 
 
-class _Unmerged(Exception):
-    """A row of an outbox merge was gone or attempted: the transaction is rolled back."""
-
-
 class SqliteStore:
     """Context store in one SQLite file (the embedded default)."""
 
@@ -421,22 +417,26 @@ class SqliteStore:
                                       (tenant, sub_id)).fetchone()
         return last or 0
 
-    async def outbox_merge(self, tenant: str, sub_id: str, merges: list[tuple[list[int], bytes]]) -> bool:
-        """In one transaction, for each (seqs, payload): the first row takes the payload, the others go."""
+    async def outbox_merge(self, tenant: str, sub_id: str, owner: str,
+                           merges: list[tuple[list[tuple[int, bytes]], bytes]]) -> bool:
+        """In one transaction, for each (rows read, joined payload): the first row takes it, the others go."""
+        read = {seq: bytes(payload) for rows, _joined in merges for seq, payload in rows}
+
         def run(conn):
-            for seqs, payload in merges:
-                kept = conn.execute("UPDATE outbox SET payload=? WHERE seq=? AND tenant=? AND subscription_id=? "
-                                    "AND attempts=0", (payload, seqs[0], tenant, sub_id)).rowcount
-                gone = conn.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) AND tenant=? "
-                                    "AND subscription_id=? AND attempts=0",
-                                    (orjson.dumps(seqs[1:]).decode(), tenant, sub_id)).rowcount
-                if kept != 1 or gone != len(seqs) - 1:
-                    raise _Unmerged()
+            if conn.execute("SELECT 1 FROM delivery_leases WHERE tenant=? AND subscription_id=? AND owner=? "
+                            "AND until>?", (tenant, sub_id, owner, time.time())).fetchone() is None:
+                return False
+            # seq is a rowid, which SQLite may give again once the highest rows are deleted: compare payloads too
+            found = conn.execute("SELECT seq, payload FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) "
+                                 "AND tenant=? AND subscription_id=? AND attempts=0",
+                                 (orjson.dumps(list(read)).decode(), tenant, sub_id)).fetchall()
+            if {seq: bytes(payload) for seq, payload in found} != read:
+                return False
+            conn.executemany("UPDATE outbox SET payload=? WHERE seq=?", [(joined, rows[0][0]) for rows, joined in merges])
+            conn.execute("DELETE FROM outbox WHERE seq IN (SELECT value FROM json_each(?))",
+                         (orjson.dumps([seq for rows, _joined in merges for seq, _p in rows[1:]]).decode(),))
             return True
-        try:
-            return await self._write_op(run)
-        except _Unmerged:
-            return False
+        return await self._write_op(run)
 
     async def outbox_pending(self) -> list[tuple[str, str]]:
         """(tenant, subscription id) of every subscription with pending notifications."""

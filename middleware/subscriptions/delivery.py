@@ -6,11 +6,12 @@ subscription, keeping its order). The worker reads the oldest pending rows, skip
 whose removal is not yet recorded, sends the rest one by one and hands the outcome to the settler, which
 records delivered rows and statuses for many subscriptions in one store transaction every few
 milliseconds (and before a lease is given back, so another process never re-sends them). Having sent all
-that a read returned, a worker waits for the next wake() rather than reading again. A failed row is
-recorded at once and retried after a backoff before any later row of its subscription (order is kept);
-after the retry budget it is dropped and counted in the subscription status. An idle worker lingers a
-moment, keeping its lease, so a steady flow costs no lease traffic; leases are taken, renewed and given
-back in bulk. A slow endpoint only ever holds its own subscription's worker, sends share a bounded
+that a read returned, a worker waits for the next wake() rather than reading again. A backlog of rows is
+sent joined into fewer notifications (joining.py). A failed row is recorded at once and retried after a
+backoff before any later row of its subscription (order is kept); after the retry budget it is dropped and
+counted in the subscription status. An idle worker lingers a moment, keeping its lease, so a steady flow
+costs no lease traffic; leases are taken, renewed and given back in bulk, and a worker stops sending well
+before its lease could run out (even if renewals fail), so no other process sends the same rows meanwhile. A slow endpoint only ever holds its own subscription's worker, sends share a bounded
 number of slots, and ingest never waits for delivery.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from typing import Callable
 
@@ -41,7 +43,7 @@ class Dispatcher:
     def __init__(self, store: Store, lookup: Callable[[str, str], Compiled | None], *, timeout: float = 10.0,
                  max_attempts: int = 20, backoff_start: float = 0.5, backoff_max: float = 60.0,
                  lease_ttl: float = 10.0, linger: float = 2.0, concurrency: int = 128, settle_every: float = 0.02,
-                 join: bool = True):
+                 join_backlog: int = 10):
         self.store = store
         self.lookup = lookup
         self.max_attempts = max_attempts
@@ -50,13 +52,14 @@ class Dispatcher:
         self.lease_ttl = lease_ttl
         self.linger = linger
         self.settle_every = settle_every
-        self.join = join
+        self.join_backlog = join_backlog  # queued rows a read must find before they are joined (0: never)
         self.owner = f"citybridge-{uuid.uuid4().hex}"
         self.http = HttpSender(timeout)
         self.mqtt = MqttSender(timeout)
         self.workers: dict[Key, asyncio.Task] = {}
         self.signals: dict[Key, asyncio.Event] = {}
         self.held: set[Key] = set()
+        self.deadlines: dict[Key, float] = {}  # monotonic time until which a held lease is surely still ours
         self.sent: dict[Key, set[int]] = {}  # delivered rows whose removal from the store is not yet recorded
         self._slots = asyncio.Semaphore(concurrency)
         self._acquiring: set[Key] = set()
@@ -143,11 +146,13 @@ class Dispatcher:
             if not self.held:
                 continue
             keys = list(self.held)
+            started = time.monotonic()
             try:
                 renewed = await self.store.acquire_leases(self.owner, keys, self.lease_ttl)
-            except Exception:  # the leases still have time left
+            except Exception:  # the leases still have time left; workers stop by themselves when they run out
                 log.exception("renewing delivery leases failed")
                 continue
+            self._held_until(renewed & self.held, started)  # (a worker may have given its lease back meanwhile)
             for key in set(keys) - renewed:
                 log.warning("delivery lease of %s was taken over; its worker here stops", key[1])
                 self.held.discard(key)
@@ -164,13 +169,29 @@ class Dispatcher:
     async def _acquire_batch(self) -> None:
         keys, future = list(self._acquiring), self._acquired
         self._acquiring, self._acquired = set(), None
+        started = time.monotonic()
         try:
             held = await self.store.acquire_leases(self.owner, keys, self.lease_ttl)
         except Exception as exc:
             future.set_exception(exc)
             return
-        self.held |= held
+        self._held_until(held, started)
         future.set_result(held)
+
+    def _held_until(self, keys: set[Key], started: float) -> None:
+        """Record leases taken or renewed by a store call made at `started`.
+
+        Another process may take a lease over once it runs out (lease_ttl after the store wrote it, later than
+        `started`); a worker stops sending a third of the ttl before that, so two processes never send one
+        subscription's rows at the same time, even when renewals fail."""
+        self.held |= keys
+        deadline = started + self.lease_ttl * 2 / 3
+        for key in keys:
+            self.deadlines[key] = deadline
+
+    def _holds(self, key: Key) -> bool:
+        """True while this process surely holds the subscription's lease."""
+        return key in self.held and time.monotonic() < self.deadlines.get(key, 0.0)
 
     # ---------------------------------------------------------------- one subscription's worker
 
@@ -180,7 +201,7 @@ class Dispatcher:
             if key not in self.held and not await self._acquire(key):
                 return  # another process delivers this subscription
             horizon: int | None = None  # rows up to this seq may have been sent by an earlier owner: never joined
-            while key in self.held:
+            while self._holds(key):
                 signal.clear()
                 sent = set(self.sent.get(key, ()))  # a copy from before the read: the settler may shrink the set
                 limit = _BATCH + len(sent)
@@ -192,7 +213,9 @@ class Dispatcher:
                                                                                           default=0)
                 fresh = [row for row in rows if row[0] not in sent]
                 if fresh:
-                    batch = await self._join(key, fresh[:_BATCH], horizon) if self.join else fresh[:_BATCH]
+                    batch = fresh[:_BATCH]
+                    if self.join_backlog and len(batch) >= self.join_backlog:
+                        batch = await self._join(key, batch, horizon)
                     if batch is None:
                         continue  # the rows changed under the merge: read them again
                     complete = await self._deliver(key, batch)
@@ -213,6 +236,7 @@ class Dispatcher:
             self.signals.pop(key, None)
             if key in self.held and not self._closing:
                 self.held.discard(key)
+                self.deadlines.pop(key, None)
                 self._releases.append(key)
             if signal.is_set() and not self._closing:
                 self.wake(tenant, sub_id)  # rows arrived while this worker was finishing
@@ -220,23 +244,30 @@ class Dispatcher:
     async def _join(self, key: Key, rows: list[Row], horizon: int) -> list[Row] | None:
         """The rows with each run of joinable ones replaced by one joined row, recorded in the store first.
 
-        None if the store refused the merge (a row was removed meanwhile, or the store failed)."""
-        grouped = joining.groups(rows, horizon)
+        The rows as they are if the store refused the merge (a row changed meanwhile, or the lease is lost); None,
+        to read them again, if the store failed."""
+        sub = self.lookup(*key)
+        if sub is None or not self._holds(key):
+            return rows  # deleted (its rows are dropped) or no longer ours (nothing more is sent)
+        changed = sub.doc.get("modifiedAt") if sub.doc.get("modifiedAt") != sub.doc.get("createdAt") else None
+        grouped = joining.groups(rows, horizon, joining.rendered_after(changed))
         if len(grouped) == len(rows):
             return rows
-        merges = [([row[0] for row in group], joining.join([row[1] for row in group]))
+        merges = [([(seq, payload) for seq, payload, _attempts in group], joining.join([row[1] for row in group]))
                   for group in grouped if len(group) > 1]
         try:
-            merged = await self.store.outbox_merge(key[0], key[1], merges)
-        except Exception:  # e.g. a lock conflict: nothing was merged, the rows are read again
+            merged = await self.store.outbox_merge(key[0], key[1], self.owner, merges)
+        except Exception:  # nothing was merged, or the next read shows that it was
             log.warning("joining queued notifications of %s failed; reading them again", key[1], exc_info=True)
-            merged = False
+            merged = None
+        if merged is False:
+            return rows  # refused, nothing changed: sent as they are
         if not merged:
             await asyncio.sleep(0.05)
             return None
-        payloads = {seqs[0]: payload for seqs, payload in merges}
-        metrics.notifications_joined(sum(len(seqs) for seqs, _ in merges), len(merges))
-        return [group[0] if len(group) == 1 else (group[0][0], payloads[group[0][0]], 0) for group in grouped]
+        metrics.notifications_joined(sum(len(parts) for parts, _ in merges), len(merges))
+        joined = {parts[0][0]: payload for parts, payload in merges}
+        return [group[0] if len(group) == 1 else (group[0][0], joined[group[0][0]], 0) for group in grouped]
 
     async def _deliver(self, key: Key, rows: list[tuple[int, bytes, int]]) -> bool:
         """Send rows in order, stopping at a failed one (retried after a backoff, before any later row).
@@ -245,7 +276,7 @@ class Dispatcher:
         tenant, sub_id = key
         done: list[int] = []
         for seq, payload, attempts in rows:
-            if key not in self.held:
+            if not self._holds(key):
                 self._record_success(tenant, sub_id, done)
                 return False
             sub = self.lookup(tenant, sub_id)

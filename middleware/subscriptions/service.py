@@ -23,13 +23,14 @@ class SubscriptionService:
 
     def __init__(self, store: Store, broker: Broker, contexts: ContextResolver, *, timeout: float = 10.0,
                  max_attempts: int = 20, backoff_max: float = 60.0, refresh_interval: float = 2.0,
-                 join: bool = True):
+                 join_backlog: int = 10):
         self.store = store
         self.broker = broker
         self.contexts = contexts
         self.index = SubscriptionIndex()
         self.dispatcher = Dispatcher(store, self.index.get, timeout=timeout, max_attempts=max_attempts,
-                                     backoff_max=backoff_max, join=join)
+                                     backoff_max=backoff_max,
+                                     join_backlog=join_backlog)
         self.refresh_interval = refresh_interval
         self._fingerprint: tuple | None = None
         self._tasks: list[asyncio.Task] = []

@@ -45,6 +45,18 @@ def test_rows_that_may_have_been_sent_stay_alone():
     assert _shape(joining.groups(rows, horizon=2)) == [[1], [2], [3], [4, 5]]
 
 
+def test_rows_rendered_before_the_subscription_last_changed_stay_alone():
+    not_before = joining.rendered_after("2026-01-01T00:00:00.000Z")
+    assert not_before == "2026-01-01T00:00:05.000Z"  # the settle time after a subscription change
+    rows = [(1, _note("urn:a", notified="2026-01-01T00:00:04.999Z"), 0),
+            (2, _note("urn:b", notified="2026-01-01T00:00:04.999Z"), 0),
+            (3, _note("urn:c", notified="2026-01-01T00:00:05.000Z"), 0),
+            (4, _note("urn:d", notified="2026-01-01T00:00:06.000Z"), 0)]
+    assert _shape(joining.groups(rows, horizon=0, not_before=not_before)) == [[1], [2], [3, 4]]
+    assert _shape(joining.groups(rows, horizon=0, not_before=joining.rendered_after("garbled"))) == [[1], [2], [3], [4]]
+    assert joining.rendered_after(None) is None
+
+
 def test_shapes_do_not_mix_and_the_size_is_capped():
     rows = [(1, _note("urn:a"), 0), (2, _geo("urn:b"), 0), (3, _geo("urn:c"), 0), (4, _note("urn:d"), 0)]
     assert _shape(joining.groups(rows, horizon=0)) == [[1], [2, 3], [4]]
@@ -87,16 +99,25 @@ async def _merge_checks(store) -> None:
     await store.put_subscription(tenant, sub, {"id": sub, "type": "Subscription"}, create=True)
     assert await store.outbox_last(tenant, sub) == 0
     await store.add_outbox(tenant, [OutboxRow(sub, _note(f"urn:e{n}")) for n in range(6)])
-    rows = await store.outbox_next(tenant, sub, 10)
-    seqs = [seq for seq, _p, _a in rows]
+    rows = [(seq, bytes(payload)) for seq, payload, _a in await store.outbox_next(tenant, sub, 10)]
+    seqs = [seq for seq, _p in rows]
     assert await store.outbox_last(tenant, sub) == seqs[-1]
-    assert await store.outbox_merge(tenant, sub, [(seqs[0:3], b'{"joined": 1}'), (seqs[4:6], b'{"joined": 2}')])
-    after = await store.outbox_next(tenant, sub, 10)
-    assert [(seq, bytes(p)) for seq, p, _a in after] == [
-        (seqs[0], b'{"joined": 1}'), (seqs[3], bytes(rows[3][1])), (seqs[4], b'{"joined": 2}')]
+    merges = [(rows[0:3], b'{"joined": 1}'), (rows[4:6], b'{"joined": 2}')]
+    assert not await store.outbox_merge(tenant, sub, "me", merges)  # no lease: refused
+    assert await store.acquire_leases("other", [(tenant, sub)], ttl=60) == {(tenant, sub)}
+    assert not await store.outbox_merge(tenant, sub, "me", merges)  # another owner's lease: refused
+    await store.release_leases("other", [(tenant, sub)])
+    assert await store.acquire_leases("me", [(tenant, sub)], ttl=60) == {(tenant, sub)}
+    # a payload that differs from the one read (SQLite may give a deleted row's seq to a new row): refused
+    stale = [([(seqs[0], b'{"other": 0}'), rows[1]], b'{"x": 0}')]
+    assert not await store.outbox_merge(tenant, sub, "me", stale)
+    assert len(await store.outbox_next(tenant, sub, 10)) == 6
+    assert await store.outbox_merge(tenant, sub, "me", merges)
+    after = [(seq, bytes(p)) for seq, p, _a in await store.outbox_next(tenant, sub, 10)]
+    assert after == [(seqs[0], b'{"joined": 1}'), rows[3], (seqs[4], b'{"joined": 2}')]
     # a row that is gone or was attempted: nothing changes
-    assert not await store.outbox_merge(tenant, sub, [(seqs[0:2], b'{"x": 1}')])
+    assert not await store.outbox_merge(tenant, sub, "me", [(rows[0:2], b'{"x": 1}')])
     await store.outbox_settle([Settlement(tenant, sub, [], (seqs[3], 1), StatusUpdate(sent=1, failed=1))])
-    assert not await store.outbox_merge(tenant, sub, [([seqs[0], seqs[4]], b'{"x": 2}'), ([seqs[3]], b'{"x": 3}')])
-    assert [(seq, bytes(p)) for seq, p, _a in await store.outbox_next(tenant, sub, 10)] == [
-        (seqs[0], b'{"joined": 1}'), (seqs[3], bytes(rows[3][1])), (seqs[4], b'{"joined": 2}')]
+    assert not await store.outbox_merge(tenant, sub, "me", [([after[0], after[2]], b'{"x": 2}')] +
+                                        [([after[1]], b'{"x": 3}')])
+    assert [(seq, bytes(p)) for seq, p, _a in await store.outbox_next(tenant, sub, 10)] == after
