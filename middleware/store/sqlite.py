@@ -29,8 +29,10 @@ CREATE VIRTUAL TABLE IF NOT EXISTS geo_rtree USING rtree(gid, min_x, max_x, min_
 CREATE TABLE IF NOT EXISTS subscriptions(tenant TEXT NOT NULL, id TEXT NOT NULL, doc TEXT NOT NULL,
     changed INTEGER NOT NULL, times_sent INTEGER NOT NULL DEFAULT 0, times_failed INTEGER NOT NULL DEFAULT 0,
     last_notification TEXT, last_success TEXT, last_failure TEXT, delivery_status TEXT, PRIMARY KEY(tenant, id));
-CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY, tenant TEXT NOT NULL, subscription_id TEXT NOT NULL,
-    payload TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
+-- AUTOINCREMENT: a seq is never given again (a plain rowid is, once the highest rows are deleted), so a late
+-- settlement or merge of a deleted subscription's rows can never touch another notification
+CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL,
+    subscription_id TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq);
 CREATE TABLE IF NOT EXISTS delivery_leases(tenant TEXT NOT NULL, subscription_id TEXT NOT NULL, owner TEXT NOT NULL,
     until REAL NOT NULL, PRIMARY KEY(tenant, subscription_id));
@@ -112,6 +114,25 @@ class _Pending:
     planned: tuple | None = None  # (conflicts, rows) of plan's last call: a retry reuses them (plan has side effects)
 
 
+def _outbox_autoincrement(conn: sqlite3.Connection) -> None:
+    """Rebuild an outbox table made before its seq was AUTOINCREMENT (rows and their seqs kept)."""
+    conn.execute("BEGIN IMMEDIATE")  # checked inside the transaction: two processes opening at once migrate once
+    try:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='outbox'").fetchone()
+        if "AUTOINCREMENT" not in sql.upper():
+            conn.execute(sql.replace("outbox(", "outbox_new(", 1).replace("seq INTEGER PRIMARY KEY",
+                                                                          "seq INTEGER PRIMARY KEY AUTOINCREMENT", 1))
+            conn.execute("INSERT INTO outbox_new(seq, tenant, subscription_id, payload, attempts) "
+                         "SELECT seq, tenant, subscription_id, payload, attempts FROM outbox")
+            conn.execute("DROP TABLE outbox")
+            conn.execute("ALTER TABLE outbox_new RENAME TO outbox")
+            conn.execute("CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq)")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 def _rounds(group: list[_Pending]) -> list[list[_Pending]]:
     """Split a group, in order, into runs of one tenant whose writes touch distinct entities (applied together)."""
     rounds: list[list[_Pending]] = []
@@ -160,6 +181,7 @@ class SqliteStore:
             self._wconn = self._connect()
             self._wconn.execute(f"PRAGMA wal_autocheckpoint={_WRITER_CHECKPOINT_PAGES}")
             self._wconn.executescript(SCHEMA)
+            _outbox_autoincrement(self._wconn)
             sqlite_history.create(self._wconn)
 
         await loop.run_in_executor(self._writer, setup)

@@ -131,3 +131,33 @@ async def test_a_settlement_removes_its_rows_and_adds_up_each_subscriptions_stat
         "2026-01-01T00:00:02Z", "2026-01-01T00:00:01Z", "2026-01-01T00:00:02Z")
     assert s0.status == "failed" and s1.status == "ok" and s1.times_sent == 3
     assert (s2.times_sent, s2.status, s2.last_success) == (0, None, None)
+
+
+async def test_outbox_seqs_are_never_given_again_and_an_old_outbox_is_migrated(tmp_path):
+    """A settlement of deleted rows can never remove another notification: seqs are not reused."""
+    import sqlite3
+    from middleware.store.base import OutboxRow
+    path = str(tmp_path / "old.db")
+    old = sqlite3.connect(path)  # the outbox as earlier versions made it: seq a plain rowid
+    old.executescript("CREATE TABLE outbox(seq INTEGER PRIMARY KEY, tenant TEXT NOT NULL, subscription_id TEXT "
+                      "NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);")
+    old.execute("INSERT INTO outbox VALUES (7, 't', 's', ?, 2)", (b'{"n": 7}',))
+    old.commit()
+    old.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert [(seq, bytes(p), a) for seq, p, a in await store.outbox_next("t", "s", 10)] == [(7, b'{"n": 7}', 2)]
+        await store.put_subscription("t", "s", {"id": "s", "type": "Subscription"}, create=True)
+        await store.add_outbox("t", [OutboxRow("s", b"{}")])
+        (_, (eight, _p, _a)) = await store.outbox_next("t", "s", 10)
+        assert eight == 8
+        assert await store.delete_subscription("t", "s")  # its rows go, the highest seq among them
+        await store.add_outbox("t", [OutboxRow("other", b"{}")])
+        assert [seq for seq, _p, _a in await store.outbox_next("t", "other", 10)] == [9]
+    finally:
+        await store.close()
+    reopened = SqliteStore(path)  # opening again changes nothing
+    await reopened.open()
+    assert [seq for seq, _p, _a in await reopened.outbox_next("t", "other", 10)] == [9]
+    await reopened.close()
