@@ -199,7 +199,10 @@ class Dispatcher:
         tenant, sub_id = key
         try:
             if key not in self.held and not await self._acquire(key):
-                return  # another process delivers this subscription
+                # another process delivers this subscription: ask again a while later (a wake that came
+                # meanwhile restarts the worker when this one ends), not at once in a loop of store writes
+                await asyncio.sleep(self.lease_ttl / 10)
+                return
             horizon: int | None = None  # rows up to this seq may have been sent by an earlier owner: never joined
             while self._holds(key):
                 signal.clear()

@@ -68,3 +68,30 @@ async def test_a_worker_whose_lease_renewals_fail_stops_sending_before_the_lease
         await dispatcher.close()
         await store.close()
         await runner.cleanup()
+
+
+async def test_a_lease_held_elsewhere_is_asked_for_again_only_now_and_then(tmp_path):
+    """While another process holds a subscription's lease, waking it does not make a loop of lease requests."""
+    store = SqliteStore(str(tmp_path / "store.db"))
+    await store.open()
+    requests = 0
+    original = store.acquire_leases
+
+    async def counting(owner, keys, ttl):
+        nonlocal requests
+        requests += 1
+        return await original(owner, keys, ttl)
+
+    store.acquire_leases = counting
+    sub = SimpleNamespace(doc={"notification": {"endpoint": {"uri": "http://127.0.0.1:9/"}}}, context_url="")
+    dispatcher = Dispatcher(store, lambda tenant, sub_id: sub, lease_ttl=3.0)
+    try:
+        assert await original("another-process", [("t", "s")], 60) == {("t", "s")}
+        for _ in range(5):
+            dispatcher.wake("t", "s")
+            await asyncio.sleep(0.1)
+        await asyncio.sleep(0.5)
+        assert 1 <= requests <= 5  # one ask per lease_ttl / 10 (0.3 s) over 1 s, not one per loop turn
+    finally:
+        await dispatcher.close()
+        await store.close()
