@@ -223,7 +223,11 @@ class Dispatcher:
                         continue  # the rows changed under the merge: read them again
                     complete = await self._deliver(key, batch)
                     if not complete or len(fresh) > _BATCH or len(rows) == _BATCH + len(sent):
-                        continue  # a row to retry, or more rows than one read takes: read again at once
+                        # a row to retry, or more rows than one read takes: read again at once, after letting
+                        # the loop run (an outbox read on SQLite does not yield, nor does dropping the rows
+                        # of a deleted subscription, and the settler must get to record what was sent)
+                        await asyncio.sleep(0)
+                        continue
                 # Every row pending at the read is sent (or was, its removal being recorded); a row committed
                 # since came with wake(), which set the signal cleared before the read, so waiting misses none.
                 try:
