@@ -116,12 +116,19 @@ class _Pending:
 
 def _outbox_autoincrement(conn: sqlite3.Connection) -> None:
     """Rebuild an outbox table made before its seq was AUTOINCREMENT (rows and their seqs kept)."""
-    conn.execute("BEGIN IMMEDIATE")  # checked inside the transaction: two processes opening at once migrate once
+    def outbox_sql() -> str:
+        return conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='outbox'").fetchone()[0]
+    if "AUTOINCREMENT" in outbox_sql().upper():
+        return  # migrated already: no write lock taken
+    conn.execute("BEGIN IMMEDIATE")  # checked again inside: of two processes opening at once, one migrates
     try:
-        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE type='table' AND name='outbox'").fetchone()
+        sql = outbox_sql()
         if "AUTOINCREMENT" not in sql.upper():
-            conn.execute(sql.replace("outbox(", "outbox_new(", 1).replace("seq INTEGER PRIMARY KEY",
-                                                                          "seq INTEGER PRIMARY KEY AUTOINCREMENT", 1))
+            rebuilt = sql.replace("outbox(", "outbox_new(", 1).replace("seq INTEGER PRIMARY KEY",
+                                                                       "seq INTEGER PRIMARY KEY AUTOINCREMENT", 1)
+            if "AUTOINCREMENT" not in rebuilt:
+                raise RuntimeError(f"unexpected outbox table, not migrated: {sql}")
+            conn.execute(rebuilt)
             conn.execute("INSERT INTO outbox_new(seq, tenant, subscription_id, payload, attempts) "
                          "SELECT seq, tenant, subscription_id, payload, attempts FROM outbox")
             conn.execute("DROP TABLE outbox")
@@ -129,7 +136,8 @@ def _outbox_autoincrement(conn: sqlite3.Connection) -> None:
             conn.execute("CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq)")
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
 
 

@@ -83,6 +83,7 @@ class Dispatcher:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._releases.extend(self.held)
+        self.held.clear()  # (a held key is not given back by _flush)
         try:
             await self._flush()
         except Exception:
@@ -122,7 +123,8 @@ class Dispatcher:
 
     async def _flush(self) -> None:
         """Record settlements, then give back leases (a lease outlives the record of what it delivered)."""
-        releases, self._releases = self._releases, []
+        # a lease given back by a worker and taken again by the next one before this flush stays taken
+        releases, self._releases = [key for key in self._releases if key not in self.held], []
         if self._settlements:
             settlements, self._settlements = self._settlements, []
             try:
@@ -198,9 +200,10 @@ class Dispatcher:
     async def _work(self, key: Key, signal: asyncio.Event) -> None:
         tenant, sub_id = key
         try:
+            signal.clear()  # a wake from now on restarts the worker if it ends without the lease
             if key not in self.held and not await self._acquire(key):
-                # another process delivers this subscription: ask again a while later (a wake that came
-                # meanwhile restarts the worker when this one ends), not at once in a loop of store writes
+                # another process delivers this subscription. A wake that comes meanwhile asks again, a while
+                # later rather than at once (not a loop of store writes); without one, the recovery scan does.
                 await asyncio.sleep(self.lease_ttl / 10)
                 return
             horizon: int | None = None  # rows up to this seq may have been sent by an earlier owner: never joined
@@ -238,6 +241,7 @@ class Dispatcher:
             raise
         except Exception:
             log.exception("delivery worker for %s failed; the recovery scan will restart it", sub_id)
+            await asyncio.sleep(self.lease_ttl / 10)  # a store outage: no loop of attempts and tracebacks
         finally:
             self.workers.pop(key, None)
             self.signals.pop(key, None)

@@ -62,6 +62,8 @@ async def test_a_worker_whose_lease_renewals_fail_stops_sending_before_the_lease
         # store wrote it after taken_at, so it runs out later still); 0.1 s allows for a send in flight
         assert store.taken_at and max(arrivals) - store.taken_at < ttl * 2 / 3 + 0.1
         assert len(arrivals) < queued
+        # afterwards each wake asks the failing store again, but a tenth of the ttl apart, not in a loop
+        assert store.takes < 2 * ttl / (ttl / 10) + 5
         left = await store.outbox_next("t", "s", queued + 1)
         assert len(left) + len(arrivals) >= queued  # what was not sent is still queued
     finally:
@@ -92,6 +94,36 @@ async def test_a_lease_held_elsewhere_is_asked_for_again_only_now_and_then(tmp_p
             await asyncio.sleep(0.1)
         await asyncio.sleep(0.5)
         assert 1 <= requests <= 5  # one ask per lease_ttl / 10 (0.3 s) over 1 s, not one per loop turn
+        asked = requests
+        await asyncio.sleep(1.0)
+        assert requests == asked  # no wake, no asking: the recovery scan looks again later
+    finally:
+        await dispatcher.close()
+        await store.close()
+
+
+async def test_a_lease_given_back_and_taken_again_before_the_flush_stays_taken(tmp_path):
+    """A worker ends (its lease queued for release) and the next one takes the lease before the settler runs:
+    the lease stays in the store, so no other process may deliver the subscription meanwhile."""
+    store = SqliteStore(str(tmp_path / "store.db"))
+    await store.open()
+    key = ("t", "s")
+    dispatcher = Dispatcher(store, lambda tenant, sub_id: None, linger=0.05, settle_every=3600)
+    try:
+        dispatcher.wake(*key)
+        for _ in range(100):  # the first worker takes the lease, finds nothing and ends
+            await asyncio.sleep(0.02)
+            if key not in dispatcher.workers and key in dispatcher._releases:
+                break
+        assert key in dispatcher._releases and key not in dispatcher.held
+        dispatcher.wake(*key)  # the next worker takes the lease again
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if key in dispatcher.held:
+                break
+        assert key in dispatcher.held
+        await dispatcher._flush()
+        assert await store.acquire_leases("another-process", [key], 60) == set()
     finally:
         await dispatcher.close()
         await store.close()
