@@ -11,8 +11,9 @@ sent joined into fewer notifications (joining.py). A failed row is recorded at o
 backoff before any later row of its subscription (order is kept); after the retry budget it is dropped and
 counted in the subscription status. An idle worker lingers a moment, keeping its lease, so a steady flow
 costs no lease traffic; leases are taken, renewed and given back in bulk, and a worker stops sending well
-before its lease could run out (even if renewals fail), so no other process sends the same rows meanwhile. A slow endpoint only ever holds its own subscription's worker, sends share a bounded
-number of slots, and ingest never waits for delivery.
+before its lease could run out (even if renewals fail), so no other process sends the same rows meanwhile.
+A slow endpoint only ever holds its own subscription's worker, sends share a bounded number of slots, and
+ingest never waits for delivery.
 """
 from __future__ import annotations
 
