@@ -6,7 +6,6 @@ middleware processes can share one database without losing each other's writes.
 """
 from __future__ import annotations
 
-
 import asyncpg
 import orjson
 
