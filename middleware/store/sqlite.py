@@ -456,7 +456,7 @@ class SqliteStore:
             if conn.execute("SELECT 1 FROM delivery_leases WHERE tenant=? AND subscription_id=? AND owner=? "
                             "AND until>?", (tenant, sub_id, owner, time.time())).fetchone() is None:
                 return False
-            # seq is a rowid, which SQLite may give again once the highest rows are deleted: compare payloads too
+            # the payloads too: the joined notification must carry exactly what its rows held
             found = conn.execute("SELECT seq, payload FROM outbox WHERE seq IN (SELECT value FROM json_each(?)) "
                                  "AND tenant=? AND subscription_id=? AND attempts=0",
                                  (orjson.dumps(list(read)).decode(), tenant, sub_id)).fetchall()

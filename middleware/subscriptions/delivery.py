@@ -159,6 +159,7 @@ class Dispatcher:
             for key in set(keys) - renewed:
                 log.warning("delivery lease of %s was taken over; its worker here stops", key[1])
                 self.held.discard(key)
+                self.deadlines.pop(key, None)
 
     async def _acquire(self, key: Key) -> bool:
         """Take a lease, together with the other workers starting in the same moment (one store write)."""
@@ -262,11 +263,12 @@ class Dispatcher:
         if sub is None or not self._holds(key):
             return rows  # deleted (its rows are dropped) or no longer ours (nothing more is sent)
         changed = sub.doc.get("modifiedAt") if sub.doc.get("modifiedAt") != sub.doc.get("createdAt") else None
-        grouped = joining.groups(rows, horizon, joining.rendered_after(changed))
+        parsed: dict[int, dict] = {}
+        grouped = joining.groups(rows, horizon, joining.rendered_after(changed), parsed)
         if len(grouped) == len(rows):
             return rows
-        merges = [([(seq, payload) for seq, payload, _attempts in group], joining.join([row[1] for row in group]))
-                  for group in grouped if len(group) > 1]
+        merges = [([(seq, payload) for seq, payload, _attempts in group],
+                   joining.join([parsed[row[0]] for row in group])) for group in grouped if len(group) > 1]
         try:
             merged = await self.store.outbox_merge(key[0], key[1], self.owner, merges)
         except Exception:  # nothing was merged, or the next read shows that it was

@@ -47,11 +47,13 @@ def rendered_after(modified_at: str | None) -> str | None:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
 
 
-def groups(rows: list[Row], horizon: int, not_before: str | None = None) -> list[list[Row]]:
+def groups(rows: list[Row], horizon: int, not_before: str | None = None,
+           parsed_out: dict[int, dict] | None = None) -> list[list[Row]]:
     """Split rows (in order) into consecutive groups to send as one notification each.
 
     A row that may have been sent already (seq at or below horizon, or a retried one) stays alone, so it is sent
     again under its own id; so does one notified before not_before (rendered under older subscription settings).
+    parsed_out, if given, receives the notifications read from the rows (by seq), for join().
     """
     out: list[list[Row]] = []
     current: list[Row] = []
@@ -61,6 +63,8 @@ def groups(rows: list[Row], horizon: int, not_before: str | None = None) -> list
     for row in rows:
         seq, payload, attempts = row
         notification = orjson.loads(payload) if seq > horizon and attempts == 0 else None
+        if notification is not None and parsed_out is not None:
+            parsed_out[seq] = notification
         parsed = None
         if notification is not None and (not_before is None or notification.get("notifiedAt", "") >= not_before):
             parsed = _entities(notification)
@@ -83,9 +87,8 @@ def groups(rows: list[Row], horizon: int, not_before: str | None = None) -> list
     return out
 
 
-def join(payloads: list[bytes]) -> bytes:
+def join(notifications: list[dict]) -> bytes:
     """One Notification carrying the entities of these notifications in order, under a new id."""
-    notifications = [orjson.loads(p) for p in payloads]
     joined = dict(notifications[-1])  # subscriptionId, and the latest notifiedAt
     joined["id"] = f"urn:ngsi-ld:Notification:{uuid.uuid4()}"
     entities = [entity for n in notifications for entity in _entities(n)[1]]

@@ -69,12 +69,12 @@ def test_shapes_do_not_mix_and_the_size_is_capped():
 
 def test_join_keeps_the_entities_in_order_under_a_new_id():
     first, second = _note("urn:a", "urn:b"), _note("urn:c", notified="2026-01-01T00:00:09Z")
-    joined = orjson.loads(joining.join([first, second]))
+    joined = orjson.loads(joining.join([orjson.loads(first), orjson.loads(second)]))
     assert [e["id"] for e in joined["data"]] == ["urn:a", "urn:b", "urn:c"]
     assert joined["id"] not in (orjson.loads(first)["id"], orjson.loads(second)["id"])
     assert joined["id"].startswith("urn:ngsi-ld:Notification:") and joined["type"] == "Notification"
     assert (joined["subscriptionId"], joined["notifiedAt"]) == ("urn:s", "2026-01-01T00:00:09Z")
-    geo = orjson.loads(joining.join([_geo("urn:a"), _geo("urn:b")]))
+    geo = orjson.loads(joining.join([orjson.loads(_geo("urn:a")), orjson.loads(_geo("urn:b"))]))
     assert geo["data"]["type"] == "FeatureCollection"
     assert [f["id"] for f in geo["data"]["features"]] == ["urn:a", "urn:b"]
 
