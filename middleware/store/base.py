@@ -165,11 +165,11 @@ class Store(Protocol):
     async def list_subscriptions(self, tenant: str, limit: int, offset: int) -> tuple[list[SubscriptionRecord], int]:
         """A page of a tenant's subscriptions in creation order, and their total."""
 
-    async def all_subscriptions(self) -> list[SubscriptionRecord]:
-        """Every subscription of every tenant."""
+    async def all_subscriptions(self) -> list[tuple[SubscriptionRecord, int]]:
+        """Every subscription of every tenant, each with its change stamp."""
 
-    async def subscriptions_fingerprint(self) -> tuple:
-        """Changes whenever any subscription is created, replaced or deleted."""
+    async def subscription_stamps(self, since: int) -> tuple[int, list[tuple[str, str, int]]]:
+        """How many subscriptions there are, and (tenant, id, change stamp) of those created or replaced after since."""
 
     async def delete_subscription(self, tenant: str, sub_id: str) -> bool:
         """Delete a subscription and its pending notifications."""

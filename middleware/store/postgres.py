@@ -27,6 +27,7 @@ CREATE SEQUENCE IF NOT EXISTS subscription_changes;
 CREATE TABLE IF NOT EXISTS subscriptions(created BIGSERIAL, tenant TEXT NOT NULL, id TEXT NOT NULL, doc JSONB NOT NULL,
     changed BIGINT NOT NULL, times_sent BIGINT NOT NULL DEFAULT 0, times_failed BIGINT NOT NULL DEFAULT 0,
     last_notification TEXT, last_success TEXT, last_failure TEXT, delivery_status TEXT, PRIMARY KEY(tenant, id));
+CREATE INDEX IF NOT EXISTS subscriptions_by_change ON subscriptions(changed);
 CREATE TABLE IF NOT EXISTS outbox(seq BIGSERIAL PRIMARY KEY, tenant TEXT NOT NULL, subscription_id TEXT NOT NULL,
     payload BYTEA NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq);
@@ -238,14 +239,18 @@ class PostgresStore:
                                      tenant, limit, offset)
         return [_subscription(r) for r in rows], total
 
-    async def all_subscriptions(self) -> list[SubscriptionRecord]:
-        """Every subscription of every tenant."""
-        return [_subscription(r) for r in await self.pool.fetch(_SUB_SELECT + " ORDER BY created")]
+    async def all_subscriptions(self) -> list[tuple[SubscriptionRecord, int]]:
+        """Every subscription of every tenant, each with its change stamp."""
+        rows = await self.pool.fetch(_SUB_COLUMNS + ", changed FROM subscriptions ORDER BY created")
+        return [(_subscription(r), r[9]) for r in rows]
 
-    async def subscriptions_fingerprint(self) -> tuple:
-        """Changes whenever any subscription is created, replaced or deleted."""
-        row = await self.pool.fetchrow("SELECT count(*), max(changed) FROM subscriptions")
-        return tuple(row)
+    async def subscription_stamps(self, since: int) -> tuple[int, list[tuple[str, str, int]]]:
+        """How many subscriptions there are, and (tenant, id, change stamp) of those created or replaced after since."""
+        async with self.pool.acquire() as conn:
+            async with conn.transaction(isolation="repeatable_read", readonly=True):
+                total = await conn.fetchval("SELECT count(*) FROM subscriptions")
+                rows = await conn.fetch("SELECT tenant, id, changed FROM subscriptions WHERE changed > $1", since)
+        return total, [tuple(r) for r in rows]
 
     async def delete_subscription(self, tenant: str, sub_id: str) -> bool:
         """Delete a subscription and its pending notifications."""
@@ -564,8 +569,9 @@ class PostgresStore:
         await self.pool.execute("INSERT INTO history_cursors(name, seq) VALUES ($1, $2) "
                                 "ON CONFLICT(name) DO UPDATE SET seq=excluded.seq", name, seq)
 
-_SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
-               "delivery_status FROM subscriptions")
+_SUB_COLUMNS = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
+                "delivery_status")
+_SUB_SELECT = _SUB_COLUMNS + " FROM subscriptions"
 
 
 def _subscription(row) -> SubscriptionRecord:

@@ -29,6 +29,7 @@ CREATE VIRTUAL TABLE IF NOT EXISTS geo_rtree USING rtree(gid, min_x, max_x, min_
 CREATE TABLE IF NOT EXISTS subscriptions(tenant TEXT NOT NULL, id TEXT NOT NULL, doc TEXT NOT NULL,
     changed INTEGER NOT NULL, times_sent INTEGER NOT NULL DEFAULT 0, times_failed INTEGER NOT NULL DEFAULT 0,
     last_notification TEXT, last_success TEXT, last_failure TEXT, delivery_status TEXT, PRIMARY KEY(tenant, id));
+CREATE INDEX IF NOT EXISTS subscriptions_by_change ON subscriptions(changed);
 -- AUTOINCREMENT: a seq is never given again (a plain rowid is, once the highest rows are deleted), so a late
 -- settlement or merge of a deleted subscription's rows can never touch another notification
 CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL,
@@ -407,16 +408,18 @@ class SqliteStore:
             return [_subscription(r) for r in rows], total
         return await self._read(run)
 
-    async def all_subscriptions(self) -> list[SubscriptionRecord]:
-        """Every subscription of every tenant (to build the matching index)."""
+    async def all_subscriptions(self) -> list[tuple[SubscriptionRecord, int]]:
+        """Every subscription of every tenant, each with its change stamp."""
         def run():
-            return [_subscription(r) for r in self._rconn.execute(_SUB_SELECT + " ORDER BY rowid")]
+            return [(_subscription(r), r[9]) for r in self._rconn.execute(_SUB_COLUMNS + ", changed FROM subscriptions")]
         return await self._read(run)
 
-    async def subscriptions_fingerprint(self) -> tuple:
-        """Changes whenever any subscription is created, replaced or deleted."""
+    async def subscription_stamps(self, since: int) -> tuple[int, list[tuple[str, str, int]]]:
+        """How many subscriptions there are, and (tenant, id, change stamp) of those created or replaced after since."""
         def run():
-            return tuple(self._rconn.execute("SELECT count(*), max(changed) FROM subscriptions").fetchone())
+            total = self._rconn.execute("SELECT count(*) FROM subscriptions").fetchone()[0]
+            return total, self._rconn.execute("SELECT tenant, id, changed FROM subscriptions WHERE changed > ?",
+                                              (since,)).fetchall()
         return await self._read(run)
 
     async def delete_subscription(self, tenant: str, sub_id: str) -> bool:
@@ -777,8 +780,9 @@ _RELEASE_LEASES = ("DELETE FROM delivery_leases WHERE owner=?1 AND (tenant, subs
 _GET_MANY = ("SELECT '[' || group_concat(json_array(id, version) || ',' || doc, ',') || ']' FROM entities "
              "WHERE tenant=?1 AND id IN (SELECT value FROM json_each(?2))")
 
-_SUB_SELECT = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
-               "delivery_status FROM subscriptions")
+_SUB_COLUMNS = ("SELECT tenant, id, doc, times_sent, times_failed, last_notification, last_success, last_failure, "
+                "delivery_status")
+_SUB_SELECT = _SUB_COLUMNS + " FROM subscriptions"
 
 
 def _subscription(row) -> SubscriptionRecord:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -16,6 +17,11 @@ from .matcher import Compiled, Planner, SubscriptionIndex, compile_subscription,
 from .model import merge_fragment, validate_subscription
 
 log = logging.getLogger("citybridge.subscriptions")
+
+# A change committed this long after a later-stamped one is still picked up: each look at the store re-reads the
+# subscriptions stamped within the window (a stamp is taken before its transaction commits, so commits can land out
+# of stamp order: a PostgreSQL sequence value, or two processes' clocks on SQLite)
+_LATE_COMMIT_WINDOW = 30.0
 
 
 class SubscriptionService:
@@ -32,13 +38,15 @@ class SubscriptionService:
                                      backoff_max=backoff_max,
                                      join_backlog=join_backlog)
         self.refresh_interval = refresh_interval
-        self._fingerprint: tuple | None = None
+        # what the index was built from: each subscription's change stamp, and (time, newest stamp seen) per look
+        self._stamps: dict[tuple[str, str], int] = {}
+        self._marks: collections.deque[tuple[float, int]] = collections.deque()
         self._tasks: list[asyncio.Task] = []
         self._next_periodic: dict[tuple[str, str], float] = {}
 
     async def start(self) -> None:
         """Load every subscription, attach the planner to the broker, start delivery and the background loops."""
-        await self._reload()
+        await self._load()
         self.broker.planner = Planner(self.index)
         self.broker.on_outbox = self._queued
         self.dispatcher.start()
@@ -63,30 +71,60 @@ class SubscriptionService:
         out_terms = await self.contexts.resolve(doc["jsonldContext"]) if doc.get("jsonldContext") else terms
         return compile_subscription(tenant, doc, terms, out_terms)
 
-    async def _reload(self) -> None:
-        fingerprint = await self.store.subscriptions_fingerprint()
-        records = await self.store.all_subscriptions()
-        fresh = SubscriptionIndex()
-        for record in records:
-            try:
-                compiled = await self.compile(record.tenant, record.doc)
-            except Exception:
-                log.exception("subscription %s cannot be compiled; it will not notify", record.id)
-                continue
-            old = self.index.get(record.tenant, record.id)
-            if old is not None:
-                compiled.last_notified = old.last_notified
-            fresh.add(compiled)
-        self.index.by_key, self.index.all = fresh.by_key, fresh.all
-        self._fingerprint = fingerprint
+    async def _load(self) -> None:
+        """Build the index from every stored subscription."""
+        started = time.monotonic()
+        for record, stamp in await self.store.all_subscriptions():
+            await self._index_record(record, stamp)
+        self._marks.append((started, -1))  # until the window has passed, every stamp is compared again
+
+    async def _refresh(self) -> None:
+        """Bring the index up to date with the store: recompile what changed since the last look, drop what is gone."""
+        now = time.monotonic()
+        marks = self._marks
+        while len(marks) > 1 and marks[1][0] <= now - _LATE_COMMIT_WINDOW:
+            marks.popleft()  # marks[0] stays the newest look at least the window old
+        since = marks[0][1] if marks else -1
+        total, stamps = await self.store.subscription_stamps(since)
+        for tenant, sub_id, stamp in stamps:
+            if self._stamps.get((tenant, sub_id)) != stamp:
+                record = await self.store.get_subscription(tenant, sub_id)
+                if record is not None:
+                    await self._index_record(record, stamp)
+        if total != len(self._stamps):  # some were deleted (by another process, or by this one)
+            present = {(tenant, sub_id) for tenant, sub_id, _ in (await self.store.subscription_stamps(-1))[1]}
+            for key in [key for key in self._stamps if key not in present]:
+                self._forget(*key)
+        marks.append((now, max((stamp for _, _, stamp in stamps), default=since)))
+
+    async def _index_record(self, record: SubscriptionRecord, stamp: int) -> None:
+        """(Re)compile one stored subscription into the index, keeping when it last notified."""
+        key = (record.tenant, record.id)
+        self._stamps[key] = stamp
+        self._next_periodic.pop(key, None)
+        try:
+            compiled = await self.compile(record.tenant, record.doc)
+        except Exception:
+            log.exception("subscription %s cannot be compiled; it will not notify", record.id)
+            self.index.remove(*key)
+            return
+        old = self.index.get(*key)
+        if old is not None:
+            compiled.last_notified = old.last_notified
+        self.index.add(compiled)
+
+    def _forget(self, tenant: str, sub_id: str) -> None:
+        """Drop a deleted subscription from the index."""
+        self._stamps.pop((tenant, sub_id), None)
+        self._next_periodic.pop((tenant, sub_id), None)
+        self.index.remove(tenant, sub_id)
 
     async def _refresh_forever(self) -> None:
         """Pick up subscriptions created, changed or deleted by other processes sharing the store."""
         while True:
             await asyncio.sleep(self.refresh_interval)
             try:
-                if await self.store.subscriptions_fingerprint() != self._fingerprint:
-                    await self._reload()
+                await self._refresh()
             except Exception:
                 log.exception("subscription refresh failed")
 
@@ -135,7 +173,7 @@ class SubscriptionService:
         if not await self.store.delete_subscription(tenant, sub_id):
             await self.broker.check_tenant(tenant)
             raise ResourceNotFound(f"subscription {sub_id} not found")
-        self.index.remove(tenant, sub_id)
+        self._forget(tenant, sub_id)
 
     async def _compile_checked(self, tenant: str, doc: dict) -> Compiled:
         try:
