@@ -33,6 +33,7 @@ class Receiver:
         self.requests: list[dict] = []
         self.status = 200
         self.held: dict[str, threading.Event] = {}
+        self.held_after: dict[str, tuple[int, threading.Event]] = {}  # hold a path's requests after the first n
         self.lock = threading.Lock()
         self.server: http.server.ThreadingHTTPServer | None = None
         self.start()
@@ -50,6 +51,9 @@ class Receiver:
                           "headers": {k.lower(): v for k, v in self.headers.items()}, "body": orjson.loads(raw)}
                 with outer.lock:
                     outer.requests.append(record)
+                    after, later_gate = outer.held_after.get(self.path, (0, None))
+                    if later_gate is not None and sum(r["path"] == self.path for r in outer.requests) > after:
+                        gate = later_gate
                 if gate is not None:
                     gate.wait(30)
                 self.send_response(status)
@@ -105,7 +109,7 @@ def receiver():
     """A fresh HTTP receiver for one test."""
     server = Receiver()
     yield server
-    for gate in server.held.values():
+    for gate in [*server.held.values(), *(gate for _, gate in server.held_after.values())]:
         gate.set()
     server.stop()
 
@@ -734,3 +738,43 @@ def test_notifications_pending_at_a_restart_are_not_joined(fresh_store, receiver
         assert delivered[0]["body"]["id"] == in_flight["body"]["id"]
     finally:
         server.stop()
+
+
+def test_a_joined_notification_in_flight_when_its_process_dies_is_resent_by_another_under_its_id(fresh_store,
+                                                                                                receiver):
+    """Two processes share the store. The one delivering a subscription joins a backlog, sends the joined
+    notification and is killed before the answer; the other takes the lease over once it runs out and resends
+    that notification under the same id, then the change made through it meanwhile; nothing is lost."""
+    url, workdir = fresh_store
+    env = {"CITYBRIDGE_NOTIFY_BACKOFF_MAX": "0.5"}
+    first, second = Middleware(url, workdir, **env), Middleware(url, workdir, **env)
+    tenant = f"t{uuid.uuid4().hex[:12]}"
+    client, other = Api(first.url, tenant), Api(second.url, tenant)
+    try:
+        ids = [f"urn:ngsi-ld:Sensor:takeover{n}" for n in range(16)]
+        for e in ids:
+            create(client, entity(e, temperature=-1))
+        path, sub_id, gate = _pile_up(client, receiver, ids)  # the first process sends ids[0]'s change; held
+        time.sleep(3)  # the second process picks the subscription up within 2 s
+        for n, e in enumerate(ids[1:15], start=1):
+            patch(client, e, temperature=n)
+        receiver.held_after[path] = (1, later := threading.Event())  # answer the first, hold the next
+        _release(receiver, path, gate)
+        joined = receiver.wait(path, 2, status=None)[1]
+        assert _entity_values([joined]) == [[(e, n) for n, e in enumerate(ids[1:15], start=1)]]
+        first.process.kill()
+        first.process.wait(10)
+        first.log.close()
+        later.set()
+        patch(other, ids[15], temperature=15)
+        delivered = receiver.wait_for(path, lambda body: body["data"][0]["id"] == ids[15], timeout=40)
+        # at least once: the first may come again too (its success may not have been recorded); ids tell
+        distinct = list({r["body"]["id"]: r for r in delivered}.values())
+        assert _entity_values(distinct) == [[(ids[0], 0)], _entity_values([joined])[0], [(ids[15], 15)]]
+        assert [r["body"]["id"] for r in delivered].count(joined["body"]["id"]) == 2  # sent again, same id
+    finally:
+        client.close()
+        other.close()
+        if first.process.poll() is None:
+            first.stop()
+        second.stop()
