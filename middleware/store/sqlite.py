@@ -411,7 +411,8 @@ class SqliteStore:
     async def all_subscriptions(self) -> list[tuple[SubscriptionRecord, int]]:
         """Every subscription of every tenant, each with its change stamp."""
         def run():
-            return [(_subscription(r), r[9]) for r in self._rconn.execute(_SUB_COLUMNS + ", changed FROM subscriptions")]
+            return [(_subscription(r), r[9])
+                    for r in self._rconn.execute(_SUB_COLUMNS + ", changed FROM subscriptions ORDER BY rowid")]
         return await self._read(run)
 
     async def subscription_stamps(self, since: int) -> tuple[int, list[tuple[str, str, int]]]:
