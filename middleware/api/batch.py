@@ -10,11 +10,11 @@ from fastapi.responses import Response
 
 from ..context.broker import Broker, Mutation
 from ..context.errors import BadRequestData, LdContextNotAvailable, NgsiLdError
-from ..context.model import EntityParser, check_name, check_uri, now_iso
+from ..context.model import EntityParser, check_uri, now_iso
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
 from .common import JSONLD, Ctx, context_for, options_of, read_body
-from .entities import run_query
+from .entities import attr_names, run_query
 
 router = APIRouter(prefix="/ngsi-ld/v1/entityOperations")
 
@@ -198,7 +198,7 @@ def query_selection(body: dict, ctx: Ctx) -> dict:
     if attrs is not None:
         if not isinstance(attrs, list) or not all(isinstance(a, str) for a in attrs):
             raise BadRequestData("attrs must be an array of attribute names")
-        attrs = {ctx.terms.expand(check_name(a)) for a in attrs}
+        attrs = attr_names(attrs, ctx)
     q = body.get("q")
     if q is not None and not isinstance(q, str):
         raise BadRequestData("q must be a string")

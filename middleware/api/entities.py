@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from ..context.broker import AttrReport, Broker, QueryResult
 from ..context.errors import BadRequestData, ResourceNotFound, TooManyResults
 from ..context.geo import parse_geoq
-from ..context.model import EntityParser, Renderer, check_name, check_uri, expand_types
+from ..context.model import ENTITY_MEMBERS, EntityParser, Renderer, check_name, check_uri, expand_types
 from ..context.query import parse_q
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
@@ -55,7 +55,18 @@ def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None) -
 def attrs_param(request: Request, ctx: Ctx) -> set[str] | None:
     """The expanded names of the attrs parameter."""
     attrs = split_list(request.query_params.get("attrs"))
-    return {ctx.terms.expand(check_name(a)) for a in attrs} if attrs is not None else None
+    return attr_names(attrs, ctx) if attrs is not None else None
+
+
+def attr_names(names: list[str], ctx: Ctx) -> set[str]:
+    """Expand the attribute names of attrs; entity members (id, type, scope, createdAt, ...) are BadRequestData."""
+    expanded = set()
+    for name in names:
+        iri = ctx.terms.expand(check_name(name))
+        if name in ENTITY_MEMBERS or iri.startswith("@"):
+            raise BadRequestData(f"attrs lists attribute names; {name!r} is an entity member, not an attribute")
+        expanded.add(iri)
+    return expanded
 
 
 def as_geojson(request: Request, ctx: Ctx, rendered: dict, doc: dict) -> dict:

@@ -572,6 +572,18 @@ def test_invalid_format_is_400(room):
     assert_error(query(room, type="Room", options="keyValues,concise"), 400, "BadRequestData")
 
 
+def test_attrs_naming_entity_members_is_400(room):
+    """5.7.2 / 4.6.2: attrs lists Attribute names; id, type and the other Entity members are not (ETSI 019_03_03)."""
+    for attrs in ("id,type", "type", "createdAt", "temperature,scope"):
+        assert_error(query(room, attrs=attrs), 400, "BadRequestData")
+    assert_error(post_query(room, {"type": "Query", "attrs": ["id"]}), 400, "BadRequestData")
+
+
+def post_query(api, body, **params):
+    """POST /entityOperations/query with a Query body (5.2.23)."""
+    return api.post_json("/entityOperations/query", body, params=params)
+
+
 def test_geojson_feature_collection(places):
     """4.5.16 / 6.3.15: Accept application/geo+json gives a FeatureCollection of Features."""
     got = places.get("/entities", params={"type": "District"}, headers={"Accept": "application/geo+json"})
