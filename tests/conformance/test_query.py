@@ -584,6 +584,49 @@ def post_query(api, body, **params):
     return api.post_json("/entityOperations/query", body, params=params)
 
 
+def test_pick_or_omit_with_attrs_is_400(room):
+    """4.21 / 5.7.2: pick and omit cannot be combined with attrs (ETSI 019_18_02, 019_18_03)."""
+    assert_error(query(room, type="Room", pick="temperature", attrs="pressure"), 400, "BadRequestData")
+    assert_error(query(room, type="Room", omit="temperature", attrs="pressure"), 400, "BadRequestData")
+    body = {"type": "Query", "entities": [{"type": "Room"}], "attrs": ["pressure"], "pick": ["temperature"]}
+    assert_error(post_query(room, body), 400, "BadRequestData")
+
+
+@pytest.mark.parametrize("expression", ["id,inBuilding{name", "id,inBuilding{{name}", "id,inBuilding{,name}",
+                                        "id,inBuilding{}", "temperature}", "{temperature}"])
+def test_malformed_pick_or_omit_is_400(room, expression):
+    """4.21: a pick/omit expression with unbalanced, empty or misplaced braces is BadRequestData (ETSI 019_18)."""
+    assert_error(query(room, type="Room", pick=expression), 400, "BadRequestData")
+    assert_error(query(room, type="Room", omit=expression), 400, "BadRequestData")
+
+
+def test_pick_of_linked_entity_members_is_not_supported(room):
+    """4.21 / 4.5.23: name{...} picks members of linked entities, which needs join: OperationNotSupported."""
+    assert_error(query(room, type="Room", pick="id,inBuilding{name}"), 422, "OperationNotSupported")
+
+
+def test_post_query_pick_omit_and_lang(room):
+    """5.2.23: the Query body's pick, omit and lang mean what the GET parameters do."""
+    body = {"type": "Query", "entities": [{"type": "Room"}]}
+    assert ids(post_query(room, {**body, "pick": ["id", "temperature"]})) == ["urn:ngsi-ld:Room:1"]
+    assert post_query(room, {**body, "pick": "id,temperature"}).json() == [
+        {"id": "urn:ngsi-ld:Room:1", "temperature": prop(21)}]
+    assert post_query(room, {**body, "omit": ["type", "pressure", "inBuilding"]}).json() == [
+        {"id": "urn:ngsi-ld:Room:1", "temperature": prop(21)}]
+    create(room, {"id": "urn:ngsi-ld:Square:1", "type": "Square",
+                  "street": {"type": "LanguageProperty", "languageMap": {"fr": "Grand Place", "nl": "Grote Markt"}}})
+    got = post_query(room, {"type": "Query", "entities": [{"type": "Square"}], "lang": "nl"})
+    assert got.json()[0]["street"] == {"type": "Property", "value": "Grote Markt", "lang": "nl"}
+    assert_error(post_query(room, {**body, "pick": "inBuilding{"}), 400, "BadRequestData")
+
+
+def test_post_query_empty_attrs_entities_or_untyped_selector_is_400(room):
+    """5.2.23 / 5.2.33: attrs and entities are non-empty arrays, and an EntitySelector has a type."""
+    assert_error(post_query(room, {"type": "Query", "entities": [{"type": "Room"}], "attrs": []}), 400, "BadRequestData")
+    assert_error(post_query(room, {"type": "Query", "entities": [], "q": "temperature>1"}), 400, "BadRequestData")
+    assert_error(post_query(room, {"type": "Query", "entities": [{"id": "urn:ngsi-ld:Room:1"}]}), 400, "BadRequestData")
+
+
 def test_geojson_feature_collection(places):
     """4.5.16 / 6.3.15: Accept application/geo+json gives a FeatureCollection of Features."""
     got = places.get("/entities", params={"type": "District"}, headers={"Accept": "application/geo+json"})
