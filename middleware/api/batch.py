@@ -183,7 +183,7 @@ async def batch_query(request: Request) -> Response:
     body, media = await read_body(request)
     if not isinstance(body, dict):
         raise BadRequestData("the query body must be a JSON object of type Query")
-    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media, geojson=True)
     return await run_query(request, ctx, **query_selection(body, ctx), body=body)
 
 

@@ -146,14 +146,17 @@ async def context_for(request: Request, resolver, *, body: Any = None, media: st
 
 
 def respond(ctx: Ctx, payload: Any, *, status: int = 200, headers: dict | None = None) -> Response:
-    """A JSON / JSON-LD / GeoJSON response carrying the @context the way the negotiated media type asks."""
+    """A JSON / JSON-LD / GeoJSON response carrying the @context the way the negotiated media type asks.
+
+    JSON: a Link header; JSON-LD: an @context member in each entity; GeoJSON: an @context member in the
+    Feature or FeatureCollection, and the Link header as well.
+    """
     out_headers = dict(headers or {})
-    if ctx.accept == JSONLD:
-        if isinstance(payload, list):
-            payload = [dict(item, **{"@context": ctx.context_value}) if isinstance(item, dict) else item for item in payload]
-        elif isinstance(payload, dict):
-            payload = dict(payload, **{"@context": ctx.context_value})
-    else:
+    if ctx.accept == JSONLD and isinstance(payload, list):
+        payload = [dict(item, **{"@context": ctx.context_value}) if isinstance(item, dict) else item for item in payload]
+    elif ctx.accept in (JSONLD, GEOJSON) and isinstance(payload, dict):  # a GeoJSON Feature(Collection): 4.5.16
+        payload = dict(payload, **{"@context": ctx.context_value})
+    if ctx.accept != JSONLD:
         links = [link_header(ctx.context_url)] + ([out_headers["Link"]] if "Link" in out_headers else [])
         out_headers["Link"] = ", ".join(links)
     return Response(orjson.dumps(payload), status_code=status, media_type=ctx.accept, headers=out_headers)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import CORE, link
+
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
 
 
@@ -652,7 +654,27 @@ def test_geojson_geometry_property(places):
 def test_geojson_empty_collection(places):
     """4.5.16: no match gives an empty FeatureCollection."""
     got = places.get("/entities", params={"type": "Nope"}, headers={"Accept": "application/geo+json"})
-    assert got.json() == {"type": "FeatureCollection", "features": []}
+    assert got.json() == {"type": "FeatureCollection", "features": [], "@context": CORE}
+
+
+def test_geojson_carries_the_context_in_the_body(places, context_server):
+    """4.5.16 / 6.3.15: a GeoJSON FeatureCollection holds an @context member (ETSI 019_05_01), by GET and POST."""
+    url = context_server.publish("/geo-ctx.jsonld", {"District": "https://example.org/District"})
+    entity = {"id": "urn:ngsi-ld:District:x", "type": "District", "location": {"type": "GeoProperty", "value": point(1, 2)}}
+    assert places.post_json("/entities", entity, headers=link(url)).status_code == 201
+    got = places.get("/entities", params={"type": "District"}, headers={"Accept": "application/geo+json"})
+    assert got.json()["@context"] == CORE
+    got = places.get("/entities", params={"type": "District"},
+                     headers={"Accept": "application/geo+json", **link(url)})
+    assert got.status_code == 200, got.text
+    assert got.json()["@context"] == url
+    assert [f["id"] for f in got.json()["features"]] == ["urn:ngsi-ld:District:x"]
+    body = {"type": "Query", "entities": [{"type": "District"}]}
+    got = places.post_json("/entityOperations/query", body, headers={"Accept": "application/geo+json", **link(url)})
+    assert got.status_code == 200, got.text
+    assert got.headers["content-type"].startswith("application/geo+json")
+    assert got.json()["type"] == "FeatureCollection" and got.json()["@context"] == url
+    assert [f["geometry"] for f in got.json()["features"]] == [point(1, 2)]
 
 
 def test_pages_link_to_next_and_previous(api):
