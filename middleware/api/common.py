@@ -163,13 +163,20 @@ def respond(ctx: Ctx, payload: Any, *, status: int = 200, headers: dict | None =
 
 
 def page_links(request: Request, offset: int, limit: int, more: bool) -> dict:
-    """Link header values rel="next" / rel="prev" for a page of results (clauses 5.5.9 and 6.3.10)."""
-    links = []
-    if more and limit > 0:  # limit=0 asks for the count only: no page follows
-        links.append(f'<{request.url.include_query_params(offset=offset + limit, limit=limit)}>; rel="next"')
-    if offset > 0 and limit > 0:
-        links.append(f'<{request.url.include_query_params(offset=max(0, offset - limit), limit=limit)}>; rel="prev"')
-    return {"Link": ", ".join(links)} if links else {}
+    """Link header values rel="prev" / rel="next" for a page of results (clauses 5.5.9 and 6.3.10).
+
+    In the form of the spec's example: a relative reference keeping the request's other parameters as sent,
+    then limit and offset, and type="application/ld+json".
+    """
+    if limit == 0:  # limit=0 asks for the count only: no page follows
+        return {}
+    kept = [part for part in request.url.query.split("&") if part and part.split("=", 1)[0] not in ("limit", "offset")]
+
+    def link(to_offset: int, rel: str) -> str:
+        query = "&".join(kept + [f"limit={limit}", f"offset={to_offset}"])
+        return f'<{request.url.path}?{query}>;rel="{rel}";type="application/ld+json"'
+    links = ([link(max(0, offset - limit), "prev")] if offset > 0 else []) + ([link(offset + limit, "next")] if more else [])
+    return {"Link": ",".join(links)} if links else {}
 
 
 def problem_response(error: NgsiLdError) -> Response:

@@ -691,6 +691,19 @@ def test_pages_link_to_next_and_previous(api):
     assert 'rel="http://www.w3.org/ns/json-ld#context"' in last.headers["Link"]
 
 
+def test_page_links_have_the_form_of_the_spec_example(api):
+    """6.3.10: </ngsi-ld/v1/entities?...&limit=L&offset=O>;rel="next";type="application/ld+json", relative, keeping
+    the other parameters as sent (the form the ETSI pagination tests compare)."""
+    for n in range(5):
+        assert api.post_json("/entities", {"id": f"urn:ngsi-ld:Page:{n}", "type": "Page"}).status_code == 201
+    got = api.get("/entities?type=Page&idPattern=%5Eurn&offset=1&limit=2", headers={"Accept": "application/ld+json"})
+    assert got.headers["Link"].split(",") == [
+        '</ngsi-ld/v1/entities?type=Page&idPattern=%5Eurn&limit=2&offset=0>;rel="prev";type="application/ld+json"',
+        '</ngsi-ld/v1/entities?type=Page&idPattern=%5Eurn&limit=2&offset=3>;rel="next";type="application/ld+json"']
+    got = api.get("/entities?type=Page&limit=2&offset=3", headers={"Accept": "application/ld+json"})
+    assert got.headers["Link"] == '</ngsi-ld/v1/entities?type=Page&limit=2&offset=1>;rel="prev";type="application/ld+json"'
+
+
 # --------------------------------------------------------------------------------------------- scopeQ (4.19)
 
 
