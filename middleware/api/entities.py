@@ -24,7 +24,7 @@ def _broker(request: Request) -> Broker:
 
 
 def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None, body: dict | None = None) -> Renderer:
-    """The Renderer asked for by options=, format=, lang=, pick= and omit= (pick, omit, lang: a Query body's first)."""
+    """The Renderer asked for by options=, format=, lang=, pick=, omit= and datasetId= (a Query body's members first)."""
     options = options_of(request)
     fmt = request.query_params.get("format")
     if fmt is None:
@@ -37,7 +37,7 @@ def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None, b
     if fmt not in ("normalized", "keyValues", "concise"):
         raise BadRequestData(f"format must be normalized, keyValues, simplified or concise, got {fmt!r}")
     given = {name: body[name] if body is not None and name in body else request.query_params.get(name)
-             for name in ("pick", "omit", "lang")}
+             for name in ("pick", "omit", "lang", "datasetId")}
     pick = projection(given["pick"], "pick")
     omit = projection(given["omit"], "omit")
     if pick is not None and omit is not None:
@@ -55,7 +55,20 @@ def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None, b
     if lang is not None and not isinstance(lang, str):
         raise BadRequestData("lang must be a string of language tags")
     return Renderer(ctx.terms, fmt=fmt, sys_attrs="sysAttrs" in options, lang=lang, attrs=attrs, omit=omitted,
-                    pick_members=pick_members)
+                    pick_members=pick_members, dataset_ids=dataset_ids(given["datasetId"]))
+
+
+def dataset_ids(value: Any) -> set[str] | None:
+    """The datasetId selection (4.5.5 / 5.7.2): dataset URIs, @none for the default instance; a list or an array."""
+    if value is None:
+        return None
+    items = split_list(value) if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise BadRequestData("datasetId must be a non-empty list of dataset URIs or @none")
+    for item in items:
+        if item != "@none":
+            check_uri(item, "datasetId")
+    return set(items)
 
 
 _PROJECTION_TOKEN = re.compile(r"[{},]|[^{},]+")

@@ -629,6 +629,33 @@ def test_post_query_empty_attrs_entities_or_untyped_selector_is_400(room):
     assert_error(post_query(room, {"type": "Query", "entities": [{"id": "urn:ngsi-ld:Room:1"}]}), 400, "BadRequestData")
 
 
+@pytest.fixture
+def multi(api):
+    """A building whose name has a default instance and two dataset instances."""
+    create(api, {"id": "urn:ngsi-ld:Building:m", "type": "Building", "category": prop("shop"), "name": [
+        prop("Tour Eiffel"), prop("Eiffelturm", datasetId="urn:ngsi-ld:Dataset:de"),
+        prop("Torre Eiffel", datasetId="urn:ngsi-ld:Dataset:es")]})
+    return api
+
+
+def test_dataset_id_selects_attribute_instances(multi):
+    """4.5.5 / 5.7.2 datasetId: only the instances of the listed datasets, @none for the default instance; the entity
+    is returned even when no instance is left (ETSI 019_12)."""
+    def names(**params):
+        (entity,) = query(multi, type="Building", **params).json()
+        return entity
+    de = prop("Eiffelturm", datasetId="urn:ngsi-ld:Dataset:de")
+    es = prop("Torre Eiffel", datasetId="urn:ngsi-ld:Dataset:es")
+    assert names(datasetId="urn:ngsi-ld:Dataset:de") == {"id": "urn:ngsi-ld:Building:m", "type": "Building", "name": de}
+    assert names(datasetId="urn:ngsi-ld:Dataset:de,urn:ngsi-ld:Dataset:es")["name"] == [de, es]
+    assert names(datasetId="@none") == {"id": "urn:ngsi-ld:Building:m", "type": "Building",
+                                        "category": prop("shop"), "name": prop("Tour Eiffel")}
+    assert names(attrs="name", datasetId="urn:ngsi-ld:Dataset:fr") == {"id": "urn:ngsi-ld:Building:m", "type": "Building"}
+    got = post_query(multi, {"type": "Query", "entities": [{"type": "Building"}], "datasetId": ["urn:ngsi-ld:Dataset:es"]})
+    assert got.json()[0]["name"] == es
+    assert_error(query(multi, type="Building", datasetId="not a uri"), 400, "BadRequestData")
+
+
 def test_geojson_feature_collection(places):
     """4.5.16 / 6.3.15: Accept application/geo+json gives a FeatureCollection of Features."""
     got = places.get("/entities", params={"type": "District"}, headers={"Accept": "application/geo+json"})
