@@ -37,7 +37,8 @@ def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None, b
     if fmt not in ("normalized", "keyValues", "concise"):
         raise BadRequestData(f"format must be normalized, keyValues, simplified or concise, got {fmt!r}")
     given = {name: body[name] if body is not None and name in body else request.query_params.get(name)
-             for name in ("pick", "omit", "lang", "datasetId")}
+             for name in ("pick", "omit", "lang", "datasetId", "join", "joinLevel")}
+    refuse_join(given["join"], given["joinLevel"])
     pick = projection(given["pick"], "pick")
     omit = projection(given["omit"], "omit")
     if pick is not None and omit is not None:
@@ -56,6 +57,17 @@ def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None, b
         raise BadRequestData("lang must be a string of language tags")
     return Renderer(ctx.terms, fmt=fmt, sys_attrs="sysAttrs" in options, lang=lang, attrs=attrs, omit=omitted,
                     pick_members=pick_members, dataset_ids=dataset_ids(given["datasetId"]))
+
+
+def refuse_join(join: Any, join_level: Any) -> None:
+    """join=flat|inline (linked-entity retrieval, 4.5.23) is not implemented: OperationNotSupported, not ignored;
+    an invalid join or joinLevel is BadRequestData."""
+    if join is not None and join not in ("flat", "inline", "@none"):
+        raise BadRequestData(f"join must be flat, inline or @none, got {join!r}")
+    if join_level is not None and not re.fullmatch(r"[1-9][0-9]*", str(join_level)):
+        raise BadRequestData(f"joinLevel must be a positive integer, got {join_level!r}")
+    if join in ("flat", "inline"):
+        raise OperationNotSupported(f"join={join} (linked-entity retrieval, clause 4.5.23) is not supported")
 
 
 def dataset_ids(value: Any) -> set[str] | None:

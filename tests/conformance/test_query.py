@@ -629,6 +629,19 @@ def test_post_query_empty_attrs_entities_or_untyped_selector_is_400(room):
     assert_error(post_query(room, {"type": "Query", "entities": [{"id": "urn:ngsi-ld:Room:1"}]}), 400, "BadRequestData")
 
 
+def test_join_is_not_supported_rather_than_ignored(room):
+    """4.5.23: join=flat|inline is OperationNotSupported (not implemented) rather than a 200 without linked entities;
+    an invalid join or joinLevel is BadRequestData; join=@none asks for no join."""
+    for join in ("inline", "flat"):
+        assert_error(query(room, type="Room", join=join, joinLevel="1"), 422, "OperationNotSupported")
+        assert_error(room.get("/entities/urn:ngsi-ld:Room:1", params={"join": join}), 422, "OperationNotSupported")
+    body = {"type": "Query", "entities": [{"type": "Room"}], "join": "inline"}
+    assert_error(post_query(room, body), 422, "OperationNotSupported")
+    assert_error(query(room, type="Room", join="deep"), 400, "BadRequestData")
+    assert_error(query(room, type="Room", join="inline", joinLevel="0"), 400, "BadRequestData")
+    assert ids(query(room, type="Room", join="@none")) == ["urn:ngsi-ld:Room:1"]
+
+
 @pytest.fixture
 def multi(api):
     """A building whose name has a default instance and two dataset instances."""
