@@ -60,8 +60,7 @@ def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None, b
 
 
 def refuse_join(join: Any, join_level: Any) -> None:
-    """join=flat|inline (linked-entity retrieval, 4.5.23) is not implemented: OperationNotSupported, not ignored;
-    an invalid join or joinLevel is BadRequestData."""
+    """Refuse join=flat|inline (4.5.23, not implemented): OperationNotSupported; a malformed join/joinLevel: 400."""
     if join is not None and join not in ("flat", "inline", "@none"):
         raise BadRequestData(f"join must be flat, inline or @none, got {join!r}")
     if join_level is not None and not re.fullmatch(r"[1-9][0-9]*", str(join_level)):
@@ -189,7 +188,7 @@ async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, a
                     match=None, body: dict | None = None) -> Response:
     """Validate the selection, run it (match: extra entity predicate), render the page (+ count when count=true).
 
-    body: the Query body of a POST query, whose pick, omit and lang take the place of the URL's.
+    body: the Query body of a POST query, whose pick, omit, lang, datasetId and join take the place of the URL's.
     """
     renderer = renderer_for(request, ctx, attrs=attrs, body=body)
     result, headers = await select_entities(request, ctx, ids=ids, id_pattern=id_pattern, type_text=type_text,
