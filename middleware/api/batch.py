@@ -10,11 +10,11 @@ from fastapi.responses import Response
 
 from ..context.broker import Broker, Mutation
 from ..context.errors import BadRequestData, LdContextNotAvailable, NgsiLdError
-from ..context.model import EntityParser, check_name, check_uri, now_iso
+from ..context.model import EntityParser, check_uri, now_iso
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
 from .common import JSONLD, Ctx, context_for, options_of, read_body
-from .entities import run_query
+from .entities import attr_names, run_query
 
 router = APIRouter(prefix="/ngsi-ld/v1/entityOperations")
 
@@ -183,8 +183,8 @@ async def batch_query(request: Request) -> Response:
     body, media = await read_body(request)
     if not isinstance(body, dict):
         raise BadRequestData("the query body must be a JSON object of type Query")
-    ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
-    return await run_query(request, ctx, **query_selection(body, ctx))
+    ctx = await context_for(request, request.app.state.contexts, body=body, media=media, geojson=True)
+    return await run_query(request, ctx, **query_selection(body, ctx), body=body)
 
 
 def query_selection(body: dict, ctx: Ctx) -> dict:
@@ -192,13 +192,17 @@ def query_selection(body: dict, ctx: Ctx) -> dict:
     if body.get("type") != "Query":
         raise BadRequestData("the query body must have \"type\": \"Query\"")
     selectors = body.get("entities")
-    if selectors is not None and (not isinstance(selectors, list) or not all(isinstance(s, dict) for s in selectors)):
-        raise BadRequestData("entities must be an array of entity selectors")
+    if selectors is not None and (not isinstance(selectors, list) or not selectors
+                                  or not all(isinstance(s, dict) for s in selectors)):
+        raise BadRequestData("entities must be a non-empty array of entity selectors")
+    for selector in selectors or ():
+        if "type" not in selector:
+            raise BadRequestData("every entity selector needs a type (clause 5.2.33)")
     attrs = body.get("attrs")
     if attrs is not None:
-        if not isinstance(attrs, list) or not all(isinstance(a, str) for a in attrs):
-            raise BadRequestData("attrs must be an array of attribute names")
-        attrs = {ctx.terms.expand(check_name(a)) for a in attrs}
+        if not isinstance(attrs, list) or not attrs or not all(isinstance(a, str) for a in attrs):
+            raise BadRequestData("attrs must be a non-empty array of attribute names")
+        attrs = attr_names(attrs, ctx)
     q = body.get("q")
     if q is not None and not isinstance(q, str):
         raise BadRequestData("q must be a string")

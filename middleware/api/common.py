@@ -146,27 +146,37 @@ async def context_for(request: Request, resolver, *, body: Any = None, media: st
 
 
 def respond(ctx: Ctx, payload: Any, *, status: int = 200, headers: dict | None = None) -> Response:
-    """A JSON / JSON-LD / GeoJSON response carrying the @context the way the negotiated media type asks."""
+    """A JSON / JSON-LD / GeoJSON response carrying the @context the way the negotiated media type asks.
+
+    JSON: a Link header; JSON-LD: an @context member in each entity; GeoJSON: an @context member in the
+    Feature or FeatureCollection, and the Link header as well.
+    """
     out_headers = dict(headers or {})
-    if ctx.accept == JSONLD:
-        if isinstance(payload, list):
-            payload = [dict(item, **{"@context": ctx.context_value}) if isinstance(item, dict) else item for item in payload]
-        elif isinstance(payload, dict):
-            payload = dict(payload, **{"@context": ctx.context_value})
-    else:
+    if ctx.accept == JSONLD and isinstance(payload, list):
+        payload = [dict(item, **{"@context": ctx.context_value}) if isinstance(item, dict) else item for item in payload]
+    elif ctx.accept in (JSONLD, GEOJSON) and isinstance(payload, dict):  # a GeoJSON Feature(Collection): 4.5.16
+        payload = dict(payload, **{"@context": ctx.context_value})
+    if ctx.accept != JSONLD:
         links = [link_header(ctx.context_url)] + ([out_headers["Link"]] if "Link" in out_headers else [])
         out_headers["Link"] = ", ".join(links)
     return Response(orjson.dumps(payload), status_code=status, media_type=ctx.accept, headers=out_headers)
 
 
 def page_links(request: Request, offset: int, limit: int, more: bool) -> dict:
-    """Link header values rel="next" / rel="prev" for a page of results (clauses 5.5.9 and 6.3.10)."""
-    links = []
-    if more and limit > 0:  # limit=0 asks for the count only: no page follows
-        links.append(f'<{request.url.include_query_params(offset=offset + limit, limit=limit)}>; rel="next"')
-    if offset > 0 and limit > 0:
-        links.append(f'<{request.url.include_query_params(offset=max(0, offset - limit), limit=limit)}>; rel="prev"')
-    return {"Link": ", ".join(links)} if links else {}
+    """Link header values rel="prev" / rel="next" for a page of results (clauses 5.5.9 and 6.3.10).
+
+    In the form of the spec's example: a relative reference keeping the request's other parameters as sent,
+    then limit and offset, and type="application/ld+json".
+    """
+    if limit == 0:  # limit=0 asks for the count only: no page follows
+        return {}
+    kept = [part for part in request.url.query.split("&") if part and part.split("=", 1)[0] not in ("limit", "offset")]
+
+    def link(to_offset: int, rel: str) -> str:
+        query = "&".join(kept + [f"limit={limit}", f"offset={to_offset}"])
+        return f'<{request.url.path}?{query}>;rel="{rel}";type="application/ld+json"'
+    links = ([link(max(0, offset - limit), "prev")] if offset > 0 else []) + ([link(offset + limit, "next")] if more else [])
+    return {"Link": ",".join(links)} if links else {}
 
 
 def problem_response(error: NgsiLdError) -> Response:

@@ -6,12 +6,22 @@ from collections import defaultdict
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from ..context.errors import ResourceNotFound
 from ..context.model import check_name
 from .common import Ctx, context_for, respond
 
 router = APIRouter(prefix="/ngsi-ld/v1")
+
+
+class NameConvertor(PathConvertor):
+    """A non-empty path parameter: a short name or an expanded IRI whose %2F the server decoded to '/'."""
+
+    regex = ".+"
+
+
+register_url_convertor("name", NameConvertor())
 
 
 def _list_id(kind: str, names: list[str]) -> str:
@@ -56,7 +66,7 @@ async def list_types(request: Request) -> Response:
     return respond(ctx, {"id": _list_id("EntityTypeList", names), "type": "EntityTypeList", "typeList": names})
 
 
-@router.get("/types/{type_name}")
+@router.get("/types/{type_name:name}")
 async def type_info(type_name: str, request: Request) -> Response:
     """EntityTypeInfo: entity count and attribute details of one type; 404 if no entity has it."""
     check_name(type_name, "entity type")
@@ -85,7 +95,7 @@ async def list_attributes(request: Request) -> Response:
     return respond(ctx, {"id": _list_id("AttributeList", names), "type": "AttributeList", "attributeList": names})
 
 
-@router.get("/attributes/{attr_name}")
+@router.get("/attributes/{attr_name:name}")
 async def attribute_info(attr_name: str, request: Request) -> Response:
     """Attribute: count, kinds and entity types of one attribute; 404 if no entity has it."""
     check_name(attr_name)

@@ -1,15 +1,16 @@
 """NGSI-LD entity routes (ETSI GS CIM 009 v1.8 clauses 5.6 and 5.7): create, retrieve, query, replace, merge, attrs."""
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from ..context.broker import AttrReport, Broker, QueryResult
-from ..context.errors import BadRequestData, ResourceNotFound, TooManyResults
+from ..context.errors import BadRequestData, OperationNotSupported, ResourceNotFound, TooManyResults
 from ..context.geo import parse_geoq
-from ..context.model import EntityParser, Renderer, check_name, check_uri, expand_types
+from ..context.model import ENTITY_MEMBERS, EntityParser, Renderer, check_name, check_uri, expand_types
 from ..context.query import parse_q
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
@@ -22,8 +23,8 @@ def _broker(request: Request) -> Broker:
     return request.app.state.broker
 
 
-def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None) -> Renderer:
-    """The Renderer asked for by options=, format=, lang=, pick= and omit=."""
+def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None, body: dict | None = None) -> Renderer:
+    """The Renderer asked for by options=, format=, lang=, pick=, omit= and datasetId= (a Query body's members first)."""
     options = options_of(request)
     fmt = request.query_params.get("format")
     if fmt is None:
@@ -35,27 +36,115 @@ def renderer_for(request: Request, ctx: Ctx, *, attrs: set[str] | None = None) -
         fmt = "keyValues"
     if fmt not in ("normalized", "keyValues", "concise"):
         raise BadRequestData(f"format must be normalized, keyValues, simplified or concise, got {fmt!r}")
-    pick = split_list(request.query_params.get("pick"))
-    omit = split_list(request.query_params.get("omit"))
+    given = {name: body[name] if body is not None and name in body else request.query_params.get(name)
+             for name in ("pick", "omit", "lang", "datasetId", "join", "joinLevel")}
+    refuse_join(given["join"], given["joinLevel"])
+    pick = projection(given["pick"], "pick")
+    omit = projection(given["omit"], "omit")
     if pick is not None and omit is not None:
         raise BadRequestData("pick and omit exclude each other")
+    if attrs is not None and (pick is not None or omit is not None):
+        raise BadRequestData("attrs cannot be combined with pick or omit (clause 4.21): use pick alone")
     pick_members = None
     if pick is not None:
         pick_members = {p for p in pick if p in ("id", "type", "scope")}
-        picked = {ctx.terms.expand(check_name(p)) for p in pick if p not in ("id", "type", "scope")}
-        attrs = picked if attrs is None else attrs & picked
+        attrs = {ctx.terms.expand(p) for p in pick if p not in ("id", "type", "scope")}
     omitted = None
     if omit is not None:
-        omitted = {p if p in ("id", "type", "scope") else ctx.terms.expand(check_name(p)) for p in omit}
-    lang = request.query_params.get("lang")
+        omitted = {p if p in ("id", "type", "scope") else ctx.terms.expand(p) for p in omit}
+    lang = given["lang"]
+    if lang is not None and not isinstance(lang, str):
+        raise BadRequestData("lang must be a string of language tags")
     return Renderer(ctx.terms, fmt=fmt, sys_attrs="sysAttrs" in options, lang=lang, attrs=attrs, omit=omitted,
-                    pick_members=pick_members)
+                    pick_members=pick_members, dataset_ids=dataset_ids(given["datasetId"]))
+
+
+def refuse_join(join: Any, join_level: Any) -> None:
+    """Refuse join=flat|inline (4.5.23, not implemented): OperationNotSupported; a malformed join/joinLevel: 400."""
+    if join is not None and join not in ("flat", "inline", "@none"):
+        raise BadRequestData(f"join must be flat, inline or @none, got {join!r}")
+    if join_level is not None and not re.fullmatch(r"[1-9][0-9]*", str(join_level)):
+        raise BadRequestData(f"joinLevel must be a positive integer, got {join_level!r}")
+    if join in ("flat", "inline"):
+        raise OperationNotSupported(f"join={join} (linked-entity retrieval, clause 4.5.23) is not supported")
+
+
+def dataset_ids(value: Any) -> set[str] | None:
+    """The datasetId selection (4.5.5 / 5.7.2): dataset URIs, @none for the default instance; a list or an array."""
+    if value is None:
+        return None
+    items = split_list(value) if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise BadRequestData("datasetId must be a non-empty list of dataset URIs or @none")
+    for item in items:
+        if item != "@none":
+            check_uri(item, "datasetId")
+    return set(items)
+
+
+_PROJECTION_TOKEN = re.compile(r"[{},]|[^{},]+")
+
+
+def projection(value: Any, what: str) -> list[str] | None:
+    """The names of a pick/omit expression (clause 4.21; a string, or a Query body's array of strings).
+
+    Malformed expressions are BadRequestData; a well-formed linked-entity selection name{...} needs join,
+    which is not implemented, so it is OperationNotSupported.
+    """
+    if value is None:
+        return None
+    if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+        value = ",".join(value)
+    if not isinstance(value, str):
+        raise BadRequestData(f"{what} must be a string or a non-empty array of strings")
+    tokens = _PROJECTION_TOKEN.findall(value)
+    items, end = _projection_items(tokens, 0, what, value)
+    if end != len(tokens):
+        raise BadRequestData(f"invalid {what} {value!r}: unexpected {tokens[end]!r}")
+    if any(children for _, children in items):
+        raise OperationNotSupported(f"{what} {value!r} selects members of linked entities (name{{...}}), "
+                                    "which needs join: not supported")
+    return [name for name, _ in items]
+
+
+def _projection_items(tokens: list[str], pos: int, what: str, text: str) -> tuple[list[tuple[str, list]], int]:
+    """Parse a comma-separated list of name or name{list} from tokens[pos]; return (items, next position)."""
+    items: list[tuple[str, list]] = []
+    while True:
+        token = tokens[pos] if pos < len(tokens) else None
+        if token is None or token in ("{", "}", ","):
+            raise BadRequestData(f"invalid {what} {text!r}: a name is missing"
+                                 + (f" before {token!r}" if token is not None else " at the end"))
+        name = check_name(token.strip(), f"{what} name")
+        pos += 1
+        children: list = []
+        if pos < len(tokens) and tokens[pos] == "{":
+            children, pos = _projection_items(tokens, pos + 1, what, text)
+            if pos >= len(tokens) or tokens[pos] != "}":
+                raise BadRequestData(f"invalid {what} {text!r}: '{{' after {name!r} is not closed")
+            pos += 1
+        items.append((name, children))
+        if pos < len(tokens) and tokens[pos] == ",":
+            pos += 1
+            continue
+        return items, pos
 
 
 def attrs_param(request: Request, ctx: Ctx) -> set[str] | None:
     """The expanded names of the attrs parameter."""
     attrs = split_list(request.query_params.get("attrs"))
-    return {ctx.terms.expand(check_name(a)) for a in attrs} if attrs is not None else None
+    return attr_names(attrs, ctx) if attrs is not None else None
+
+
+def attr_names(names: list[str], ctx: Ctx) -> set[str]:
+    """Expand the attribute names of attrs; entity members (id, type, scope, createdAt, ...) are BadRequestData."""
+    expanded = set()
+    for name in names:
+        iri = ctx.terms.expand(check_name(name))
+        if name in ENTITY_MEMBERS or iri.startswith("@"):
+            raise BadRequestData(f"attrs lists attribute names; {name!r} is an entity member, not an attribute")
+        expanded.add(iri)
+    return expanded
 
 
 def as_geojson(request: Request, ctx: Ctx, rendered: dict, doc: dict) -> dict:
@@ -96,9 +185,12 @@ async def query_entities(request: Request) -> Response:
 
 
 async def run_query(request: Request, ctx: Ctx, *, ids, id_pattern, type_text, attrs, q_text, geo,
-                    match=None) -> Response:
-    """Validate the selection, run it (match: extra entity predicate), render the page (+ count when count=true)."""
-    renderer = renderer_for(request, ctx, attrs=attrs)
+                    match=None, body: dict | None = None) -> Response:
+    """Validate the selection, run it (match: extra entity predicate), render the page (+ count when count=true).
+
+    body: the Query body of a POST query, whose pick, omit, lang, datasetId and join take the place of the URL's.
+    """
+    renderer = renderer_for(request, ctx, attrs=attrs, body=body)
     result, headers = await select_entities(request, ctx, ids=ids, id_pattern=id_pattern, type_text=type_text,
                                             attrs=attrs, q_text=q_text, geo=geo, match=match)
     rendered = [renderer.entity(doc) for doc in result.entities]

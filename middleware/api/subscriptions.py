@@ -8,7 +8,7 @@ from ..context.errors import BadRequestData, TooManyResults
 from ..context.model import check_uri
 from ..subscriptions.model import render
 from ..subscriptions.service import SubscriptionService
-from .common import context_for, int_param, options_of, read_body, respond
+from .common import context_for, int_param, options_of, page_links, read_body, respond
 
 router = APIRouter(prefix="/ngsi-ld/v1/subscriptions")
 
@@ -35,7 +35,7 @@ async def create_subscription(request: Request) -> Response:
 @router.get("")
 @router.get("/")
 async def query_subscriptions(request: Request) -> Response:
-    """List subscriptions (5.8.4) with limit, offset and count=true."""
+    """List subscriptions (5.8.4) with limit, offset, count=true and Link rel="prev" / rel="next"."""
     ctx = await context_for(request, request.app.state.contexts)
     settings = request.app.state.settings
     limit = int_param(request, "limit", settings.default_limit)
@@ -46,7 +46,9 @@ async def query_subscriptions(request: Request) -> Response:
     await service.broker.check_tenant(ctx.tenant)
     records, total = await service.store.list_subscriptions(ctx.tenant, limit, offset)
     sys_attrs = "sysAttrs" in options_of(request)
-    headers = {"NGSILD-Results-Count": str(total)} if request.query_params.get("count") == "true" else {}
+    headers = page_links(request, offset, limit, offset + len(records) < total)
+    if request.query_params.get("count") == "true":
+        headers["NGSILD-Results-Count"] = str(total)
     return respond(ctx, [render(r, ctx.terms, sys_attrs=sys_attrs) for r in records], headers=headers)
 
 

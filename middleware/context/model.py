@@ -325,11 +325,12 @@ def stamp(instance: dict, now: str, created: str | None = None) -> dict:
 
 
 class Renderer:
-    """Renders stored entities for one request: compaction, format (normalized/keyValues/concise), sysAttrs, lang."""
+    """Renders stored entities for one request: compaction, format (normalized/keyValues/concise), sysAttrs, lang,
+    projection (attrs, pick, omit) and the datasetId selection of instances."""
 
     def __init__(self, terms: TermMap, *, fmt: str = "normalized", sys_attrs: bool = False,
                  lang: str | None = None, attrs: set[str] | None = None, omit: set[str] | None = None,
-                 pick_members: set[str] | None = None):
+                 pick_members: set[str] | None = None, dataset_ids: set[str] | None = None):
         self.terms = terms
         self.fmt = fmt
         self.sys_attrs = sys_attrs
@@ -337,6 +338,7 @@ class Renderer:
         self.attrs = attrs
         self.omit = omit or set()
         self.pick_members = pick_members
+        self.dataset_ids = dataset_ids  # only the instances with these datasetIds ("@none": the default instance)
         self._compact: Callable[[str], str] = terms.compact
 
     def entity(self, entity: dict) -> dict:
@@ -360,6 +362,10 @@ class Renderer:
                 continue
             if iri in self.omit:
                 continue
+            if self.dataset_ids is not None:
+                instances = [inst for inst in instances if inst.get("datasetId", "@none") in self.dataset_ids]
+                if not instances:
+                    continue
             name = self._compact(iri)
             rendered = [self.instance(inst) for inst in instances]
             out[name] = rendered[0] if len(rendered) == 1 else rendered

@@ -2,6 +2,8 @@
 data types 5.2.24 EntityTypeList, 5.2.25 EntityType, 5.2.26 EntityTypeInfo, 5.2.27 AttributeList, 5.2.28 Attribute)."""
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import pytest
 
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
@@ -80,6 +82,16 @@ def test_type_info_unknown_is_404(catalogue):
     assert got.json()["type"] == ERR + "ResourceNotFound"
 
 
+def test_type_info_by_encoded_iri(catalogue):
+    """5.7.7 / 6.25.3: the type may be named by its expanded IRI, percent-encoded in the path (ETSI 024_02_02)."""
+    got = catalogue.get("/types/" + quote(DEFAULT + "Building", safe=""))
+    assert got.status_code == 200, got.text
+    assert got.json()["id"] == DEFAULT + "Building"
+    assert got.json()["entityCount"] == 3
+    assert catalogue.get("/types/" + quote(DEFAULT + "Nope#x", safe="")).status_code == 404
+    assert catalogue.get("/types/").status_code == 307  # still the trailing-slash redirect to /types
+
+
 def test_attributes_list(catalogue):
     """5.7.8 / 5.2.27: GET /attributes is an AttributeList with attributeList of (short) names."""
     got = catalogue.get("/attributes")
@@ -115,6 +127,14 @@ def test_attribute_info(catalogue):
     assert attr["attributeCount"] == 3
     assert attr["attributeTypes"] == ["Property"]
     assert sorted(attr["typeNames"]) == ["Building", "Shop"]
+
+
+def test_attribute_info_by_encoded_iri(catalogue):
+    """5.7.10 / 6.28.3: the attribute may be named by its expanded IRI, percent-encoded (ETSI 027_02_02)."""
+    got = catalogue.get("/attributes/" + quote("https://uri.etsi.org/ngsi-ld/location", safe=""))
+    assert got.status_code == 200, got.text
+    assert got.json()["attributeName"] == "location"
+    assert got.json()["attributeCount"] == 1
 
 
 def test_attribute_info_unknown_is_404(catalogue):

@@ -386,6 +386,19 @@ def test_retrieve_with_both_pick_and_omit_is_bad_request_data(api):
     assert_problem(api.get(f"/entities/{EID}", params={"pick": "id", "omit": "type"}), 400, "BadRequestData")
 
 
+def test_retrieve_geojson_feature_carries_the_context(api, context_server):
+    """4.5.16 / 6.3.15: a retrieved GeoJSON Feature holds an @context member (ETSI 018_05), and the Link header."""
+    url = context_server.publish("/feature-ctx.jsonld", {"Vehicle": "https://example.org/Vehicle"})
+    create(api, vehicle(location={"type": "GeoProperty", "value": {"type": "Point", "coordinates": [1, 2]}}),
+           headers=link(url))
+    feature = get(api, headers={"Accept": "application/geo+json", **link(url)})
+    assert feature["type"] == "Feature" and feature["id"] == EID
+    assert feature["geometry"] == {"type": "Point", "coordinates": [1, 2]}
+    assert feature["properties"]["type"] == "Vehicle"
+    assert feature["@context"] == url
+    assert get(api, headers={"Accept": "application/geo+json"})["@context"] == CORE
+
+
 def test_retrieve_without_sys_attrs_shows_no_system_attributes(api):
     """4.8: createdAt/modifiedAt are only returned when options=sysAttrs."""
     create(api, vehicle())

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import CORE, link
+
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
 
 
@@ -572,6 +574,101 @@ def test_invalid_format_is_400(room):
     assert_error(query(room, type="Room", options="keyValues,concise"), 400, "BadRequestData")
 
 
+def test_attrs_naming_entity_members_is_400(room):
+    """5.7.2 / 4.6.2: attrs lists Attribute names; id, type and the other Entity members are not (ETSI 019_03_03)."""
+    for attrs in ("id,type", "type", "createdAt", "temperature,scope"):
+        assert_error(query(room, attrs=attrs), 400, "BadRequestData")
+    assert_error(post_query(room, {"type": "Query", "attrs": ["id"]}), 400, "BadRequestData")
+
+
+def post_query(api, body, **params):
+    """POST /entityOperations/query with a Query body (5.2.23)."""
+    return api.post_json("/entityOperations/query", body, params=params)
+
+
+def test_pick_or_omit_with_attrs_is_400(room):
+    """4.21 / 5.7.2: pick and omit cannot be combined with attrs (ETSI 019_18_02, 019_18_03)."""
+    assert_error(query(room, type="Room", pick="temperature", attrs="pressure"), 400, "BadRequestData")
+    assert_error(query(room, type="Room", omit="temperature", attrs="pressure"), 400, "BadRequestData")
+    body = {"type": "Query", "entities": [{"type": "Room"}], "attrs": ["pressure"], "pick": ["temperature"]}
+    assert_error(post_query(room, body), 400, "BadRequestData")
+
+
+@pytest.mark.parametrize("expression", ["id,inBuilding{name", "id,inBuilding{{name}", "id,inBuilding{,name}",
+                                        "id,inBuilding{}", "temperature}", "{temperature}"])
+def test_malformed_pick_or_omit_is_400(room, expression):
+    """4.21: a pick/omit expression with unbalanced, empty or misplaced braces is BadRequestData (ETSI 019_18)."""
+    assert_error(query(room, type="Room", pick=expression), 400, "BadRequestData")
+    assert_error(query(room, type="Room", omit=expression), 400, "BadRequestData")
+
+
+def test_pick_of_linked_entity_members_is_not_supported(room):
+    """4.21 / 4.5.23: name{...} picks members of linked entities, which needs join: OperationNotSupported."""
+    assert_error(query(room, type="Room", pick="id,inBuilding{name}"), 422, "OperationNotSupported")
+
+
+def test_post_query_pick_omit_and_lang(room):
+    """5.2.23: the Query body's pick, omit and lang mean what the GET parameters do."""
+    body = {"type": "Query", "entities": [{"type": "Room"}]}
+    assert ids(post_query(room, {**body, "pick": ["id", "temperature"]})) == ["urn:ngsi-ld:Room:1"]
+    assert post_query(room, {**body, "pick": "id,temperature"}).json() == [
+        {"id": "urn:ngsi-ld:Room:1", "temperature": prop(21)}]
+    assert post_query(room, {**body, "omit": ["type", "pressure", "inBuilding"]}).json() == [
+        {"id": "urn:ngsi-ld:Room:1", "temperature": prop(21)}]
+    create(room, {"id": "urn:ngsi-ld:Square:1", "type": "Square",
+                  "street": {"type": "LanguageProperty", "languageMap": {"fr": "Grand Place", "nl": "Grote Markt"}}})
+    got = post_query(room, {"type": "Query", "entities": [{"type": "Square"}], "lang": "nl"})
+    assert got.json()[0]["street"] == {"type": "Property", "value": "Grote Markt", "lang": "nl"}
+    assert_error(post_query(room, {**body, "pick": "inBuilding{"}), 400, "BadRequestData")
+
+
+def test_post_query_empty_attrs_entities_or_untyped_selector_is_400(room):
+    """5.2.23 / 5.2.33: attrs and entities are non-empty arrays, and an EntitySelector has a type."""
+    assert_error(post_query(room, {"type": "Query", "entities": [{"type": "Room"}], "attrs": []}), 400, "BadRequestData")
+    assert_error(post_query(room, {"type": "Query", "entities": [], "q": "temperature>1"}), 400, "BadRequestData")
+    assert_error(post_query(room, {"type": "Query", "entities": [{"id": "urn:ngsi-ld:Room:1"}]}), 400, "BadRequestData")
+
+
+def test_join_is_not_supported_rather_than_ignored(room):
+    """4.5.23: join=flat|inline is OperationNotSupported (not implemented) rather than a 200 without linked entities;
+    an invalid join or joinLevel is BadRequestData; join=@none asks for no join."""
+    for join in ("inline", "flat"):
+        assert_error(query(room, type="Room", join=join, joinLevel="1"), 422, "OperationNotSupported")
+        assert_error(room.get("/entities/urn:ngsi-ld:Room:1", params={"join": join}), 422, "OperationNotSupported")
+    body = {"type": "Query", "entities": [{"type": "Room"}], "join": "inline"}
+    assert_error(post_query(room, body), 422, "OperationNotSupported")
+    assert_error(query(room, type="Room", join="deep"), 400, "BadRequestData")
+    assert_error(query(room, type="Room", join="inline", joinLevel="0"), 400, "BadRequestData")
+    assert ids(query(room, type="Room", join="@none")) == ["urn:ngsi-ld:Room:1"]
+
+
+@pytest.fixture
+def multi(api):
+    """A building whose name has a default instance and two dataset instances."""
+    create(api, {"id": "urn:ngsi-ld:Building:m", "type": "Building", "category": prop("shop"), "name": [
+        prop("Tour Eiffel"), prop("Eiffelturm", datasetId="urn:ngsi-ld:Dataset:de"),
+        prop("Torre Eiffel", datasetId="urn:ngsi-ld:Dataset:es")]})
+    return api
+
+
+def test_dataset_id_selects_attribute_instances(multi):
+    """4.5.5 / 5.7.2 datasetId: only the instances of the listed datasets, @none for the default instance; the entity
+    is returned even when no instance is left (ETSI 019_12)."""
+    def names(**params):
+        (entity,) = query(multi, type="Building", **params).json()
+        return entity
+    de = prop("Eiffelturm", datasetId="urn:ngsi-ld:Dataset:de")
+    es = prop("Torre Eiffel", datasetId="urn:ngsi-ld:Dataset:es")
+    assert names(datasetId="urn:ngsi-ld:Dataset:de") == {"id": "urn:ngsi-ld:Building:m", "type": "Building", "name": de}
+    assert names(datasetId="urn:ngsi-ld:Dataset:de,urn:ngsi-ld:Dataset:es")["name"] == [de, es]
+    assert names(datasetId="@none") == {"id": "urn:ngsi-ld:Building:m", "type": "Building",
+                                        "category": prop("shop"), "name": prop("Tour Eiffel")}
+    assert names(attrs="name", datasetId="urn:ngsi-ld:Dataset:fr") == {"id": "urn:ngsi-ld:Building:m", "type": "Building"}
+    got = post_query(multi, {"type": "Query", "entities": [{"type": "Building"}], "datasetId": ["urn:ngsi-ld:Dataset:es"]})
+    assert got.json()[0]["name"] == es
+    assert_error(query(multi, type="Building", datasetId="not a uri"), 400, "BadRequestData")
+
+
 def test_geojson_feature_collection(places):
     """4.5.16 / 6.3.15: Accept application/geo+json gives a FeatureCollection of Features."""
     got = places.get("/entities", params={"type": "District"}, headers={"Accept": "application/geo+json"})
@@ -597,7 +694,27 @@ def test_geojson_geometry_property(places):
 def test_geojson_empty_collection(places):
     """4.5.16: no match gives an empty FeatureCollection."""
     got = places.get("/entities", params={"type": "Nope"}, headers={"Accept": "application/geo+json"})
-    assert got.json() == {"type": "FeatureCollection", "features": []}
+    assert got.json() == {"type": "FeatureCollection", "features": [], "@context": CORE}
+
+
+def test_geojson_carries_the_context_in_the_body(places, context_server):
+    """4.5.16 / 6.3.15: a GeoJSON FeatureCollection holds an @context member (ETSI 019_05_01), by GET and POST."""
+    url = context_server.publish("/geo-ctx.jsonld", {"District": "https://example.org/District"})
+    entity = {"id": "urn:ngsi-ld:District:x", "type": "District", "location": {"type": "GeoProperty", "value": point(1, 2)}}
+    assert places.post_json("/entities", entity, headers=link(url)).status_code == 201
+    got = places.get("/entities", params={"type": "District"}, headers={"Accept": "application/geo+json"})
+    assert got.json()["@context"] == CORE
+    got = places.get("/entities", params={"type": "District"},
+                     headers={"Accept": "application/geo+json", **link(url)})
+    assert got.status_code == 200, got.text
+    assert got.json()["@context"] == url
+    assert [f["id"] for f in got.json()["features"]] == ["urn:ngsi-ld:District:x"]
+    body = {"type": "Query", "entities": [{"type": "District"}]}
+    got = places.post_json("/entityOperations/query", body, headers={"Accept": "application/geo+json", **link(url)})
+    assert got.status_code == 200, got.text
+    assert got.headers["content-type"].startswith("application/geo+json")
+    assert got.json()["type"] == "FeatureCollection" and got.json()["@context"] == url
+    assert [f["geometry"] for f in got.json()["features"]] == [point(1, 2)]
 
 
 def test_pages_link_to_next_and_previous(api):
@@ -612,6 +729,19 @@ def test_pages_link_to_next_and_previous(api):
     assert [e["id"] for e in last.json()] == ["urn:ngsi-ld:Page:4"]
     assert 'rel="next"' not in last.headers["Link"] and 'rel="prev"' in last.headers["Link"]
     assert 'rel="http://www.w3.org/ns/json-ld#context"' in last.headers["Link"]
+
+
+def test_page_links_have_the_form_of_the_spec_example(api):
+    """6.3.10: </ngsi-ld/v1/entities?...&limit=L&offset=O>;rel="next";type="application/ld+json", relative, keeping
+    the other parameters as sent (the form the ETSI pagination tests compare)."""
+    for n in range(5):
+        assert api.post_json("/entities", {"id": f"urn:ngsi-ld:Page:{n}", "type": "Page"}).status_code == 201
+    got = api.get("/entities?type=Page&idPattern=%5Eurn&offset=1&limit=2", headers={"Accept": "application/ld+json"})
+    assert got.headers["Link"].split(",") == [
+        '</ngsi-ld/v1/entities?type=Page&idPattern=%5Eurn&limit=2&offset=0>;rel="prev";type="application/ld+json"',
+        '</ngsi-ld/v1/entities?type=Page&idPattern=%5Eurn&limit=2&offset=3>;rel="next";type="application/ld+json"']
+    got = api.get("/entities?type=Page&limit=2&offset=3", headers={"Accept": "application/ld+json"})
+    assert got.headers["Link"] == '</ngsi-ld/v1/entities?type=Page&limit=2&offset=1>;rel="prev";type="application/ld+json"'
 
 
 # --------------------------------------------------------------------------------------------- scopeQ (4.19)

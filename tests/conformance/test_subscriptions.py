@@ -521,6 +521,20 @@ def test_query_limit_offset_and_count(api):
     assert "NGSILD-Results-Count" not in api.get("/subscriptions").headers
 
 
+def test_query_pages_carry_prev_and_next_links(api):
+    """5.8.4 / 5.5.9 / 6.3.10: a page of subscriptions links to the previous and next pages (ETSI 031_02)."""
+    for i in range(3):
+        create(api, subscription(id=f"urn:ngsi-ld:Subscription:l{i}"))
+    ld = {"Accept": "application/ld+json"}
+    middle = api.get("/subscriptions", params={"limit": 1, "offset": 1}, headers=ld)
+    assert sorted(middle.headers["Link"].split(",")) == [
+        '</ngsi-ld/v1/subscriptions?limit=1&offset=0>;rel="prev";type="application/ld+json"',
+        '</ngsi-ld/v1/subscriptions?limit=1&offset=2>;rel="next";type="application/ld+json"']
+    last = api.get("/subscriptions", params={"limit": 1, "offset": 2}, headers=ld)
+    assert last.headers["Link"] == '</ngsi-ld/v1/subscriptions?limit=1&offset=1>;rel="prev";type="application/ld+json"'
+    assert "Link" not in api.get("/subscriptions", params={"limit": 5}, headers=ld).headers
+
+
 def test_query_limit_over_maximum_is_403_too_many_results(api):
     """5.8.4 / 6.3.2: a limit above the broker's maximum (1000) -> TooManyResults (403); 1000 itself is fine."""
     create(api, subscription())
