@@ -13,7 +13,7 @@ from ..context.errors import BadRequestData, LdContextNotAvailable, NgsiLdError
 from ..context.model import EntityParser, check_name, check_uri, now_iso
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
-from .common import JSONLD, Ctx, context_for, options_of, read_body
+from .common import JSONLD, Ctx, context_for, options_of, read_body, refuse_link_with_jsonld
 from .entities import run_query
 
 router = APIRouter(prefix="/ngsi-ld/v1/entityOperations")
@@ -21,31 +21,34 @@ router = APIRouter(prefix="/ngsi-ld/v1/entityOperations")
 
 async def _batch_body(request: Request) -> tuple[list[tuple[Any, Ctx]], Ctx, list[dict]]:
     """The entities of a batch body, each with the Ctx of its own @context (application/ld+json lets every entity
-    bring one); an @context that cannot be fetched fails only its entities (207). Returns (pairs, ctx, errors)."""
+    bring one); an entity whose @context is missing, misplaced or cannot be fetched fails alone (207).
+    Returns (pairs, ctx, errors)."""
     body, media = await read_body(request)
     if not isinstance(body, list):
         raise BadRequestData("a batch body must be a JSON array")
     resolver = request.app.state.contexts
-    if media != JSONLD or not body:
-        ctx = await context_for(request, resolver, body=body, media=media)
-        return [(item, ctx) for item in body], ctx, []
-    by_context: dict[bytes, Ctx | LdContextNotAvailable] = {}
+    if media == JSONLD:
+        refuse_link_with_jsonld(request)  # a request-level error (6.3.5), not one entity's
+    ctx = await context_for(request, resolver)
+    by_context: dict[bytes, Ctx | NgsiLdError] = {}
     pairs: list[tuple[Any, Ctx]] = []
     errors: list[dict] = []
     for item in body:
-        key = orjson.dumps(item.get("@context")) if isinstance(item, dict) else b"null"
+        if not isinstance(item, dict):
+            pairs.append((item, ctx))  # the parser reports it
+            continue
+        key = orjson.dumps(item.get("@context")) if media == JSONLD else orjson.dumps("@context" in item)
         if key not in by_context:
             try:
                 by_context[key] = await context_for(request, resolver, body=item, media=media)
-            except LdContextNotAvailable as failure:
+            except (BadRequestData, LdContextNotAvailable) as failure:
                 by_context[key] = failure
         found = by_context[key]
-        if isinstance(found, LdContextNotAvailable):
+        if isinstance(found, NgsiLdError):
             errors.append({"entityId": _id_of(item), "error": found.problem()})
         else:
             pairs.append((item, found))
-    ctx = pairs[0][1] if pairs else await context_for(request, resolver)
-    return pairs, ctx, errors
+    return pairs, pairs[0][1] if pairs else ctx, errors
 
 
 def _id_of(item: Any) -> str | None:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.conftest import CORE, assert_problem, link
+
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
 OPS = "/entityOperations"
 
@@ -113,6 +115,38 @@ def test_create_invalid_json_is_400(api):
     response = api.post(f"{OPS}/create", content=b"[{", headers={"Content-Type": "application/json"})
     assert response.status_code == 400
     assert response.json()["type"] == ERR + "InvalidRequest"
+
+
+@pytest.mark.parametrize("op", ["create", "upsert", "update", "merge"])
+def test_json_entity_with_body_context_fails_alone(api, op):
+    """6.3.5 / 5.6.7-5.6.9, 5.6.20 (ETSI 003_06_01): with application/json an entity carrying an @context is a
+    BadRequestData error of a 207; its siblings go ahead."""
+    api.post_json(f"{OPS}/create", [car(1, speed=1), car(2, speed=2)])
+    batch = [{**car(1 if op != "create" else 3, speed=10), "@context": CORE}, car(2 if op != "create" else 4, speed=20)]
+    response = api.post_json(f"{OPS}/{op}", batch)
+    bad, good = batch[0]["id"], batch[1]["id"]
+    check_multi_status(response, [good], {bad: "BadRequestData"})
+    assert api.get(f"/entities/{good}", params={"options": "keyValues"}).json()["speed"] == 20
+
+
+@pytest.mark.parametrize("op", ["create", "upsert", "update", "merge"])
+def test_jsonld_entity_without_context_fails_alone(api, op):
+    """6.3.5 / 5.6.7-5.6.9, 5.6.20 (ETSI 003_08_01): with application/ld+json an entity without an @context is a
+    BadRequestData error of a 207; its siblings go ahead."""
+    api.post_json(f"{OPS}/create", [car(1, speed=1), car(2, speed=2)])
+    batch = [car(1 if op != "create" else 3, speed=10), {**car(2 if op != "create" else 4, speed=20), "@context": CORE}]
+    response = api.send_json("POST", f"{OPS}/{op}", batch, content_type="application/ld+json")
+    bad, good = batch[0]["id"], batch[1]["id"]
+    check_multi_status(response, [good], {bad: "BadRequestData"})
+    assert api.get(f"/entities/{good}", params={"options": "keyValues"}).json()["speed"] == 20
+
+
+def test_jsonld_batch_with_link_header_is_400(api):
+    """6.3.5 (ETSI 003_09_01): application/ld+json with a JSON-LD Link header fails the whole request."""
+    response = api.send_json("POST", f"{OPS}/create", [{**car(1), "@context": CORE}],
+                             content_type="application/ld+json", headers=link(CORE))
+    assert_problem(response, 400, "BadRequestData")
+    assert get(api, 1) is None
 
 
 # --------------------------------------------------------------------------------------------- upsert (5.6.8)
