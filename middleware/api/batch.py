@@ -24,8 +24,7 @@ async def _batch_body(request: Request) -> tuple[list[tuple[Any, Ctx]], Ctx, lis
     bring one); an entity whose @context is missing, misplaced or cannot be fetched fails alone (207).
     Returns (pairs, ctx, errors)."""
     body, media = await read_body(request)
-    if not isinstance(body, list):
-        raise BadRequestData("a batch body must be a JSON array")
+    _check_batch_array(body, "entities")
     resolver = request.app.state.contexts
     if media == JSONLD:
         refuse_link_with_jsonld(request)  # a request-level error (6.3.5), not one entity's
@@ -49,6 +48,16 @@ async def _batch_body(request: Request) -> tuple[list[tuple[Any, Ctx]], Ctx, lis
         else:
             pairs.append((item, found))
     return pairs, pairs[0][1] if pairs else ctx, errors
+
+
+def _check_batch_array(body: Any, what: str) -> None:
+    """BadRequestData unless body is a non-empty JSON array without null items (5.6.7.4-5.6.10.4, 5.6.20.4)."""
+    if not isinstance(body, list):
+        raise BadRequestData(f"a batch body must be a JSON array of {what}")
+    if not body:
+        raise BadRequestData(f"a batch body must not be an empty array: give at least one of the {what}")
+    if any(item is None for item in body):
+        raise BadRequestData("a batch body must not contain null items")
 
 
 def _id_of(item: Any) -> str | None:
@@ -164,8 +173,7 @@ async def batch_merge(request: Request) -> Response:
 async def batch_delete(request: Request) -> Response:
     """Batch delete (5.6.10) of an array of ids: 204 or 207."""
     body, media = await read_body(request)
-    if not isinstance(body, list):
-        raise BadRequestData("a batch delete body must be a JSON array of entity ids")
+    _check_batch_array(body, "entity ids")
     ctx = await context_for(request, request.app.state.contexts)
     await request.app.state.broker.check_tenant(ctx.tenant)
     ops: list[tuple[str, Mutation]] = []

@@ -133,7 +133,7 @@ async def context_for(request: Request, resolver, *, body: Any = None, media: st
         refuse_link_with_jsonld(request)
         items = body if isinstance(body, list) else [body]
         contexts = [item.get("@context") if isinstance(item, dict) else None for item in items]
-        if any(c is None for c in contexts):
+        if not contexts or any(c is None for c in contexts):
             raise BadRequestData("Content-Type application/ld+json needs an @context in the body")
         value = contexts[0]
         if any(c != value for c in contexts[1:]):

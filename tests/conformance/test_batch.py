@@ -149,6 +149,23 @@ def test_jsonld_batch_with_link_header_is_400(api):
     assert get(api, 1) is None
 
 
+@pytest.mark.parametrize("media", ["application/json", "application/ld+json"])
+@pytest.mark.parametrize("op", ["create", "upsert", "update", "merge", "delete"])
+def test_empty_batch_is_400(api, op, media):
+    """5.6.7.4-5.6.10.4, 5.6.20.4 (ETSI 003_03_02, 006_03_02): an empty array is BadRequestData (never a 500)."""
+    assert_problem(api.send_json("POST", f"{OPS}/{op}", [], content_type=media), 400, "BadRequestData")
+
+
+@pytest.mark.parametrize("op", ["create", "upsert", "update", "merge", "delete"])
+def test_batch_with_a_null_item_is_400(api, op):
+    """5.6.7.4-5.6.10.4, 5.6.20.4: an array with a null item is BadRequestData; nothing is changed."""
+    api.post_json(f"{OPS}/create", [car(1, speed=1)])
+    item = eid(1) if op == "delete" else (car(2, speed=2) if op in ("create", "upsert") else car(1, speed=5))
+    assert_problem(api.post_json(f"{OPS}/{op}", [item, None]), 400, "BadRequestData")
+    assert get(api, 1) == {"id": eid(1), "type": "Car", "speed": 1}
+    assert get(api, 2) is None
+
+
 # --------------------------------------------------------------------------------------------- upsert (5.6.8)
 
 

@@ -690,3 +690,11 @@ def test_method_not_allowed_is_405_with_allow_header(api):
     got = api.post(f"/entities/{EID}", content=b"{}", headers={"Content-Type": "application/json"})
     assert got.status_code == 405
     assert {m.strip() for m in got.headers["Allow"].split(",")} == {"GET", "PUT", "PATCH", "DELETE"}
+
+
+@pytest.mark.parametrize("method,path", [("PUT", ""), ("PATCH", ""), ("POST", "/attrs"), ("PATCH", "/attrs")])
+def test_jsonld_array_body_is_400_not_500(api, method, path):
+    """6.3.5: an application/ld+json body that is an empty array is BadRequestData, never an InternalError."""
+    api.post_json("/entities", {"id": "urn:ngsi-ld:Vehicle:a1", "type": "Vehicle"})
+    got = api.send_json(method, f"/entities/urn:ngsi-ld:Vehicle:a1{path}", [], content_type="application/ld+json")
+    assert_problem(got, 400, "BadRequestData")
