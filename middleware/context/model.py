@@ -23,6 +23,7 @@ from .geo import validate_geojson
 from .jsonld import TermMap
 
 NULL_URI = "urn:ngsi-ld:null"
+LANGUAGE_NULL = {"@none": NULL_URI}  # the NGSI-LD Null of a LanguageProperty's languageMap (clause 5.2.1)
 ATTRIBUTE_TYPES = ("Property", "GeoProperty", "Relationship", "LanguageProperty", "ListProperty",
                    "ListRelationship", "JsonProperty", "VocabProperty")
 VALUE_MEMBER = {"Property": "value", "GeoProperty": "value", "Relationship": "object", "LanguageProperty": "languageMap",
@@ -200,9 +201,12 @@ class EntityParser:
         value = raw[member]
         if value is None:
             raise BadRequestData(f"attribute {name!r}: {member!r} must not be null")
+        if member == "languageMap" and value == LANGUAGE_NULL:
+            value = NULL_URI  # stored like every other NGSI-LD Null, so updates and merges delete with it
         if value == NULL_URI:
             if not allow_null:
-                raise BadRequestData(f"attribute {name!r}: urn:ngsi-ld:null is only allowed in merge and partial updates")
+                raise BadRequestData(f"attribute {name!r}: an NGSI-LD Null (urn:ngsi-ld:null, or {{\"@none\": "
+                                     f"\"urn:ngsi-ld:null\"}} as a languageMap) is only allowed in merge and partial updates")
         elif kind != "Property":
             value = self._value(name, kind, value)
         out: dict[str, Any] = {"type": kind, member: value}

@@ -538,3 +538,43 @@ def test_delete_attribute_name_is_expanded_with_the_link_context(api, context_se
     assert_problem(api.delete(f"{ATTRS}/colour"), 404, "ResourceNotFound")
     assert api.delete(f"{ATTRS}/colour", headers=link(url)).status_code == 204
     assert "https://example.org/del/colour" not in get(api)
+
+
+# ------------------------------------------------------------------------------------------------ 5.2.1 LanguageProperty null
+
+STREET = {"type": "LanguageProperty", "languageMap": {"fr": "Grand Place", "nl": "Grote Markt"}}
+LANGUAGE_NULL = {"type": "LanguageProperty", "languageMap": {"@none": "urn:ngsi-ld:null"}}
+
+
+def test_language_null_deletes_in_merge_update_and_partial_update(api):
+    """5.2.1 / 5.6.17, 5.6.2, 5.6.4 (ETSI 056_03_04): {"@none": "urn:ngsi-ld:null"} as a languageMap is the
+    NGSI-LD Null of a LanguageProperty: merge, update and partial update delete the attribute with it."""
+    for method, path, body in [("PATCH", f"/entities/{EID}", {"street": LANGUAGE_NULL}),
+                               ("PATCH", ATTRS, {"street": LANGUAGE_NULL}),
+                               ("PATCH", f"{ATTRS}/street", LANGUAGE_NULL)]:
+        api.delete(f"/entities/{EID}")
+        setup_vehicle(api, street=STREET)
+        response = api.send_json(method, path, body)
+        assert response.status_code == 204, (path, response.text)
+        assert "street" not in get(api), path
+
+
+def test_language_null_deletes_one_instance_in_merge(api):
+    """5.2.1 / 5.6.17 (ETSI 056_04_04): a LanguageProperty Null with a datasetId deletes only that instance."""
+    setup_vehicle(api, street=[STREET, {**STREET, "datasetId": GPS}])
+    response = api.send_json("PATCH", f"/entities/{EID}", {"street": {**LANGUAGE_NULL, "datasetId": GPS}})
+    assert response.status_code == 204, response.text
+    assert get(api)["street"] == STREET
+
+
+def test_language_null_where_nulls_are_not_allowed_is_bad_request_data(api):
+    """5.2.1: an NGSI-LD Null is BadRequestData outside merge and partial updates: create, replace entity,
+    append attributes and replace attribute refuse the LanguageProperty Null and store nothing."""
+    assert_problem(api.post_json("/entities", {"id": EID, "type": "Vehicle", "street": LANGUAGE_NULL}),
+                   400, "BadRequestData")
+    setup_vehicle(api, street=STREET)
+    for method, path, body in [("PUT", f"/entities/{EID}", {"type": "Vehicle", "street": LANGUAGE_NULL}),
+                               ("POST", ATTRS, {"street": LANGUAGE_NULL}),
+                               ("PUT", f"{ATTRS}/street", LANGUAGE_NULL)]:
+        assert_problem(api.send_json(method, path, body), 400, "BadRequestData")
+    assert get(api)["street"] == STREET
