@@ -8,8 +8,8 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..context.broker import Broker, Mutation
-from ..context.errors import BadRequestData, LdContextNotAvailable, NgsiLdError
+from ..context.broker import AttrReport, Broker, Mutation
+from ..context.errors import AlreadyExists, BadRequestData, LdContextNotAvailable, NgsiLdError
 from ..context.model import EntityParser, check_name, check_uri, now_iso
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
@@ -152,8 +152,13 @@ async def batch_update(request: Request) -> Response:
     fragments, parse_errors = _parse_all(pairs, require_type=False)
     errors += parse_errors
     ops = [(f["id"], Broker.append_op(f, no_overwrite=no_overwrite, must_exist=True)) for f in fragments]
-    success, run_errors, _ = await _run(request, ctx, ops)
+    success, run_errors, results = await _run(request, ctx, ops)
     errors += run_errors
+    for (entity_id, _), result in zip(ops, results):
+        if isinstance(result, AttrReport) and result.not_updated:  # noOverwrite skipped some: not a full success
+            success.remove(entity_id)
+            skipped = ", ".join(f"{ctx.terms.compact(name)} ({reason})" for name, reason in result.not_updated)
+            errors.append({"entityId": entity_id, "error": AlreadyExists(f"not updated: {skipped}").problem()})
     return _multi_status(ctx, success, errors) if errors else Response(status_code=204)
 
 
