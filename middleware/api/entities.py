@@ -68,6 +68,7 @@ def as_geojson(request: Request, ctx: Ctx, rendered: dict, doc: dict) -> dict:
 
 
 @router.post("/entities")
+@router.post("/entities/")
 async def create_entity(request: Request) -> Response:
     """Create an entity (5.6.1): 201 with Location, 409 AlreadyExists."""
     body, media = await read_body(request)
@@ -80,6 +81,7 @@ async def create_entity(request: Request) -> Response:
 
 
 @router.get("/entities")
+@router.get("/entities/")
 async def query_entities(request: Request) -> Response:
     """Query entities (5.7.2) by id, idPattern, type, attrs, q, geoQ; limit/offset/count."""
     ctx = await context_for(request, request.app.state.contexts, geojson=True)
@@ -178,6 +180,7 @@ async def delete_entity(entity_id: str, request: Request) -> Response:
 
 
 @router.post("/entities/{entity_id}/attrs")
+@router.post("/entities/{entity_id}/attrs/")
 async def append_attributes(entity_id: str, request: Request) -> Response:
     """Append attributes (5.6.3), options=noOverwrite: 204, or 207 with updated / notUpdated."""
     check_uri(entity_id, "entity id")
@@ -191,6 +194,7 @@ async def append_attributes(entity_id: str, request: Request) -> Response:
 
 
 @router.patch("/entities/{entity_id}/attrs")
+@router.patch("/entities/{entity_id}/attrs/")
 async def update_attributes(entity_id: str, request: Request) -> Response:
     """Update existing attributes (5.6.2): 204, or 207 listing those not updated."""
     check_uri(entity_id, "entity id")

@@ -698,3 +698,18 @@ def test_jsonld_array_body_is_400_not_500(api, method, path):
     api.post_json("/entities", {"id": "urn:ngsi-ld:Vehicle:a1", "type": "Vehicle"})
     got = api.send_json(method, f"/entities/urn:ngsi-ld:Vehicle:a1{path}", [], content_type="application/ld+json")
     assert_problem(got, 400, "BadRequestData")
+
+
+def test_trailing_slash_resource_uris_are_served_directly(api):
+    """6.2 Table 6.2-1: the Entity List /entities/ and Attribute List /entities/{id}/attrs/ are answered by their
+    handlers, with no redirect (the ETSI suite posts to these URIs)."""
+    created = api.post_json("/entities/", {"id": "urn:ngsi-ld:Vehicle:s1", "type": "Vehicle"})
+    assert created.status_code == 201, created.text
+    listed = api.get("/entities/", params={"type": "Vehicle", "options": "keyValues"})
+    assert listed.status_code == 200 and listed.json() == [{"id": "urn:ngsi-ld:Vehicle:s1", "type": "Vehicle"}]
+    appended = api.post_json("/entities/urn:ngsi-ld:Vehicle:s1/attrs/", {"speed": {"type": "Property", "value": 1}})
+    assert appended.status_code == 204, appended.text
+    updated = api.send_json("PATCH", "/entities/urn:ngsi-ld:Vehicle:s1/attrs/", {"speed": {"type": "Property", "value": 2}})
+    assert updated.status_code == 204, updated.text
+    got = api.get("/entities/urn:ngsi-ld:Vehicle:s1", params={"options": "keyValues"}).json()
+    assert got == {"id": "urn:ngsi-ld:Vehicle:s1", "type": "Vehicle", "speed": 2}
