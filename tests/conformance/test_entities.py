@@ -713,3 +713,16 @@ def test_trailing_slash_resource_uris_are_served_directly(api):
     assert updated.status_code == 204, updated.text
     got = api.get("/entities/urn:ngsi-ld:Vehicle:s1", params={"options": "keyValues"}).json()
     assert got == {"id": "urn:ngsi-ld:Vehicle:s1", "type": "Vehicle", "speed": 2}
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/entities//attrs"), ("POST", "/entities//attrs/"), ("PATCH", "/entities//attrs"),
+    ("PATCH", "/entities//attrs/speed"), ("PUT", "/entities//attrs/speed"), ("DELETE", "/entities//attrs/speed"),
+    ("PUT", "/entities/"), ("PATCH", "/entities/"), ("DELETE", "/entities/")])
+def test_missing_entity_id_is_bad_request_data(api, method, path):
+    """5.6.2.4-5.6.6.4, 5.6.17.4-5.6.19.4 (ETSI 010_02_01, 011_02_01, 012_02_01, 013_02_01, 054_02_02, 056_02_02):
+    an empty entity id in the URL is BadRequestData, not 404 or 405."""
+    body = None if method == "DELETE" else {"speed": {"type": "Property", "value": 1}}
+    got = api.request(method, path, content=orjson.dumps(body) if body else None,
+                      headers={"Content-Type": "application/json"} if body else {})
+    assert_problem(got, 400, "BadRequestData")
