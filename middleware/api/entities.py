@@ -226,6 +226,8 @@ async def _attribute_write(entity_id: str, attr: str, request: Request, *, repla
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k != "@context"}
     name = ctx.terms.expand(attr)
+    if name == ctx.terms.expand("scope"):  # 5.6.4.4 / 5.6.19.4
+        raise BadRequestData("scope is not an attribute: change it with PATCH or POST /entities/{id}/attrs")
     if not replace and _only_sub_attributes(body):
         op = _sub_attributes_patch_op(entity_id, name, EntityParser(ctx.terms), body)
     else:

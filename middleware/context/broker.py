@@ -234,8 +234,14 @@ class Broker:
                 for type_iri in fragment["type"]:
                     if type_iri not in doc["type"]:
                         doc["type"].append(type_iri)
-            if "scope" in fragment:
-                doc["scope"] = fragment["scope"]
+            if "scope" in fragment:  # clause 4.18: noOverwrite adds scopes, update never gives an entity one
+                if only_existing and "scope" not in doc:
+                    report.not_updated.append(("scope", "the entity has no scope"))
+                elif no_overwrite:
+                    old = doc.get("scope", [])
+                    doc["scope"] = old + [item for item in fragment["scope"] if item not in old]
+                else:
+                    doc["scope"] = fragment["scope"]
             if report.updated or "type" in fragment:
                 doc["modifiedAt"] = now
             return doc, report

@@ -578,3 +578,39 @@ def test_language_null_where_nulls_are_not_allowed_is_bad_request_data(api):
                                ("PUT", f"{ATTRS}/street", LANGUAGE_NULL)]:
         assert_problem(api.send_json(method, path, body), 400, "BadRequestData")
     assert get(api)["street"] == STREET
+
+
+# ------------------------------------------------------------------------------------------------ 4.18 scope in attribute operations
+
+
+def test_append_with_no_overwrite_adds_scopes(api):
+    """4.18 / 5.6.3 (ETSI 010_07): with options=noOverwrite the given scopes join the entity's own."""
+    setup_vehicle(api, scope="/Madrid")
+    response = api.post_json(ATTRS, {"scope": ["/Nara", "/Madrid"]}, params={"options": "noOverwrite"})
+    assert response.status_code == 204, response.text
+    assert get(api)["scope"] == ["/Madrid", "/Nara"]
+    assert api.post_json(ATTRS, {"scope": "/Kyoto"}).status_code == 204  # without noOverwrite: replaced
+    assert get(api)["scope"] == "/Kyoto"
+
+
+def test_update_does_not_give_an_entity_a_scope(api):
+    """4.18 / 5.6.2 (ETSI 011_05_02): update changes the scope of an entity that has one; on an entity without
+    scope it is reported not updated (207) and no scope is added."""
+    setup_vehicle(api)
+    response = api.send_json("PATCH", ATTRS, {"scope": "/Nara", "brand": prop("Seat")})
+    assert response.status_code == 207, response.text
+    assert [item["attributeName"] for item in response.json()["notUpdated"]] == ["scope"]
+    got = get(api)
+    assert "scope" not in got and got["brand"] == prop("Seat")
+    api.delete(f"/entities/{EID}")
+    setup_vehicle(api, scope="/Madrid")
+    assert api.send_json("PATCH", ATTRS, {"scope": "/Nara"}).status_code == 204
+    assert get(api)["scope"] == "/Nara"
+
+
+def test_scope_as_target_attribute_is_bad_request_data(api):
+    """5.6.4.4 / 5.6.19.4 (ETSI 055_03_05): PATCH or PUT /attrs/scope is BadRequestData; the scope stays."""
+    setup_vehicle(api, scope="/Madrid")
+    for method in ("PUT", "PATCH"):
+        assert_problem(api.send_json(method, f"{ATTRS}/scope", prop("/B")), 400, "BadRequestData")
+    assert get(api)["scope"] == "/Madrid"
