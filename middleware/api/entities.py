@@ -9,7 +9,7 @@ from fastapi.responses import Response
 from ..context.broker import AttrReport, Broker, QueryResult
 from ..context.errors import BadRequestData, ResourceNotFound, TooManyResults
 from ..context.geo import parse_geoq
-from ..context.model import EntityParser, Renderer, check_name, check_uri, expand_types
+from ..context.model import EntityParser, Renderer, check_attribute_name, check_name, check_uri, expand_types
 from ..context.query import parse_q
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
@@ -220,7 +220,7 @@ async def replace_attribute(entity_id: str, attr: str, request: Request) -> Resp
 
 async def _attribute_write(entity_id: str, attr: str, request: Request, *, replace: bool) -> Response:
     check_uri(entity_id, "entity id")
-    check_name(attr)
+    check_attribute_name(attr)
     body, media = await read_body(request, merge_patch=not replace)
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
     if isinstance(body, dict):
@@ -273,7 +273,7 @@ def _placeholder(kind: str) -> Any:
 async def delete_attribute(entity_id: str, attr: str, request: Request) -> Response:
     """Delete an attribute (5.6.5): the default instance, ?datasetId=, or ?deleteAll=true; 404 if absent."""
     check_uri(entity_id, "entity id")
-    check_name(attr)
+    check_attribute_name(attr)
     ctx = await context_for(request, request.app.state.contexts)
     dataset_id = request.query_params.get("datasetId")
     if dataset_id is not None:

@@ -38,6 +38,7 @@ CORE_MEMBERS = frozenset({"type", "value", "object", "objectList", "languageMap"
                           "previousValue", "previousObject", "previousLanguageMap", "previousValueList",
                           "previousObjectList", "previousJson", "previousVocab"}) | SYSTEM_MEMBERS
 ENTITY_MEMBERS = frozenset({"id", "type", "@context", "scope", "createdAt", "modifiedAt", "deletedAt"})
+RESERVED_ATTRIBUTE_NAMES = CORE_MEMBERS | ENTITY_MEMBERS  # core member terms no attribute may be named (4.5.1)
 GEOJSON_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
                            "GeometryCollection"})
 _FORBIDDEN_NAME = re.compile(r"[<>\"'=;()\s\x00-\x1f]")
@@ -91,12 +92,20 @@ def check_name(name: Any, what: str = "attribute name") -> str:
     """Return name if it is a valid NGSI-LD name (clause 4.6.2), else raise BadRequestData."""
     if name in _VALID_NAMES if isinstance(name, str) else False:
         return name
-    if not isinstance(name, str) or not name or _FORBIDDEN_NAME.search(name):
-        raise BadRequestData(f"invalid {what} {name!r}: names must be non-empty and contain none of < > \" ' = ; ( ) or whitespace")
+    if not isinstance(name, str) or not name or _FORBIDDEN_NAME.search(name) or name[0] == "@":
+        raise BadRequestData(f"invalid {what} {name!r}: names must be non-empty, not start with @ (a JSON-LD keyword) "
+                             "and contain none of < > \" ' = ; ( ) or whitespace")
     if len(_VALID_NAMES) > 50_000:
         _VALID_NAMES.clear()
     _VALID_NAMES.add(name)
     return name
+
+
+def check_attribute_name(name: Any) -> str:
+    """check_name for an attribute name, which must not be a core NGSI-LD member term either (clause 4.5.1)."""
+    if name in RESERVED_ATTRIBUTE_NAMES:
+        raise BadRequestData(f"invalid attribute name {name!r}: it is a core NGSI-LD term (clause 4.5.1)")
+    return check_name(name)
 
 
 def expand_types(value: Any, terms: TermMap) -> list[str]:
@@ -151,8 +160,8 @@ class EntityParser:
         for name, raw in body.items():
             if name in ENTITY_MEMBERS:
                 continue
-            if name not in _VALID_NAMES:
-                check_name(name)
+            if name not in _VALID_NAMES or name in RESERVED_ATTRIBUTE_NAMES:
+                check_attribute_name(name)
             iri = expand(name)
             if iri in attrs:
                 raise BadRequestData(f"attribute {name!r} is given twice")

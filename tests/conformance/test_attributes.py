@@ -614,3 +614,43 @@ def test_scope_as_target_attribute_is_bad_request_data(api):
     for method in ("PUT", "PATCH"):
         assert_problem(api.send_json(method, f"{ATTRS}/scope", prop("/B")), 400, "BadRequestData")
     assert get(api)["scope"] == "/Madrid"
+
+
+# ------------------------------------------------------------------------------------------------ 4.6.2 / 4.5.1 attribute names
+
+RESERVED = ["datasetId", "instanceId", "observedAt", "unitCode", "value", "object", "objectList", "languageMap",
+            "valueList", "json", "vocab", "objectType", "lang", "previousValue"]
+
+
+def test_keyword_as_attribute_or_type_name_is_bad_request_data(api):
+    """4.6.2 (ETSI 055_03_03): a name starting with @ (a JSON-LD keyword) is BadRequestData, in the URL or the body."""
+    setup_vehicle(api)
+    assert_problem(api.send_json("PUT", f"{ATTRS}/@invalid", {"type": "Relationship", "object": "urn:ngsi-ld:P:2"}),
+                   400, "BadRequestData")
+    assert_problem(api.post_json(ATTRS, {"@invalid": prop(1)}), 400, "BadRequestData")
+    assert_problem(api.post_json("/entities", {"id": "urn:ngsi-ld:Vehicle:k1", "type": "@Vehicle"}), 400, "BadRequestData")
+    assert "@invalid" not in get(api)
+
+
+def test_core_member_term_as_attribute_name_is_bad_request_data(api):
+    """4.5.1: the core member terms (datasetId, observedAt, value, ...) cannot name an attribute: create, append
+    and the attribute routes refuse them (in a body createdAt / modifiedAt / deletedAt are the entity's own
+    system members, ignored on input, so only the URL can use them as attribute names)."""
+    setup_vehicle(api)
+    for name in RESERVED:
+        entity = {"id": "urn:ngsi-ld:Vehicle:r1", "type": "Vehicle", name: prop(1)}
+        assert_problem(api.post_json("/entities", entity), 400, "BadRequestData")
+        assert_problem(api.post_json(ATTRS, {name: prop(1)}), 400, "BadRequestData")
+    for method in ("PUT", "PATCH"):
+        for name in ("observedAt", "createdAt"):
+            assert_problem(api.send_json(method, f"{ATTRS}/{name}", prop(1)), 400, "BadRequestData")
+    for name in ("datasetId", "modifiedAt"):
+        assert_problem(api.delete(f"{ATTRS}/{name}"), 400, "BadRequestData")
+    assert api.get("/entities/urn:ngsi-ld:Vehicle:r1").status_code == 404
+
+
+def test_names_outside_the_strict_grammar_stay_accepted(api):
+    """4.6.2 says "should": names with '-' (used by device profiles and data models) are still accepted."""
+    setup_vehicle(api)
+    assert api.post_json(ATTRS, {"co2-level": prop(400)}).status_code == 204
+    assert get(api)["co2-level"] == prop(400)
