@@ -225,6 +225,8 @@ async def _attribute_write(entity_id: str, attr: str, request: Request, *, repla
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k != "@context"}
+        if not body:
+            raise BadRequestData(f"the fragment for attribute {attr!r} is empty")
     name = ctx.terms.expand(attr)
     if name == ctx.terms.expand("scope"):  # 5.6.4.4 / 5.6.19.4
         raise BadRequestData("scope is not an attribute: change it with PATCH or POST /entities/{id}/attrs")

@@ -311,6 +311,9 @@ class Broker:
                 if not replace and _is_null(inst):
                     existing = [old for old in existing if old is not match]
                     continue
+                if not replace and inst["type"] != match["type"]:  # 5.6.4.4: a partial update keeps the type
+                    raise BadRequestData(f"attribute {name} is a {match['type']}: a partial update cannot make it "
+                                         f"a {inst['type']} (replace the attribute instead)")
                 new = stamp(inst, now, match["createdAt"]) if replace else merge_instance(match, inst, now)
                 existing = [new if old is match else old for old in existing]
             if existing:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from tests.conftest import link
+from tests.conftest import CORE, link
 from tests.conftest import assert_problem
 
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
@@ -654,3 +654,26 @@ def test_names_outside_the_strict_grammar_stay_accepted(api):
     setup_vehicle(api)
     assert api.post_json(ATTRS, {"co2-level": prop(400)}).status_code == 204
     assert get(api)["co2-level"] == prop(400)
+
+
+# ------------------------------------------------------------------------------------------------ 5.6.4 / 5.6.19 fragment checks
+
+
+def test_partial_attribute_update_cannot_change_the_attribute_type(api):
+    """5.6.4.4 (ETSI 012_02_03): a fragment whose type differs from the target attribute's is BadRequestData; the
+    attribute is unchanged (replace attribute, 5.6.19, may still change it)."""
+    setup_vehicle(api)
+    fragment = {"type": "Relationship", "object": "urn:ngsi-ld:Entity:01"}
+    assert_problem(api.send_json("PATCH", f"{ATTRS}/speed", fragment), 400, "BadRequestData")
+    assert get(api)["speed"] == prop(55, unitCode="KMH")
+
+
+def test_empty_attribute_fragment_is_bad_request_data(api):
+    """5.6.4.4 / 5.6.19.4 (ETSI 012_02_04): an empty fragment is BadRequestData for partial update and replace,
+    with either media type; the attribute is unchanged."""
+    setup_vehicle(api)
+    for method in ("PATCH", "PUT"):
+        assert_problem(api.send_json(method, f"{ATTRS}/speed", {}), 400, "BadRequestData")
+        assert_problem(api.send_json(method, f"{ATTRS}/speed", {"@context": CORE}, content_type="application/ld+json"),
+                       400, "BadRequestData")
+    assert get(api)["speed"] == prop(55, unitCode="KMH")
