@@ -612,7 +612,8 @@ def test_scope_as_target_attribute_is_bad_request_data(api):
     """5.6.4.4 / 5.6.19.4 (ETSI 055_03_05): PATCH or PUT /attrs/scope is BadRequestData; the scope stays."""
     setup_vehicle(api, scope="/Madrid")
     for method in ("PUT", "PATCH"):
-        assert_problem(api.send_json(method, f"{ATTRS}/scope", prop("/B")), 400, "BadRequestData")
+        for name in ("scope", "ngsi-ld:scope"):
+            assert_problem(api.send_json(method, f"{ATTRS}/{name}", prop("/B")), 400, "BadRequestData")
     assert get(api)["scope"] == "/Madrid"
 
 
