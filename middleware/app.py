@@ -121,6 +121,15 @@ def allowed_methods(request: Request) -> list[str]:
             if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)]
 
 
+_ENTITIES = "/ngsi-ld/v1/entities"
+
+
+def missing_entity_id(request: Request) -> bool:
+    """True for an entity URL whose entity id is empty: /entities//..., or PUT, PATCH or DELETE on /entities/."""
+    path = request.url.path
+    return path.startswith(_ENTITIES + "//") or path == _ENTITIES + "/" and request.method in ("PUT", "PATCH", "DELETE")
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The middleware's ASGI application."""
     settings = settings or Settings()
@@ -204,6 +213,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if error.status_code in (404, 405) and missing_entity_id(request):  # 5.6.2.4-5.6.19.4
+            return problem_response(BadRequestData(f"the entity id is missing from {request.url.path}"))
         if error.status_code == 404:
             return problem_response(ResourceNotFound(f"no resource at {request.url.path}"))
         if error.status_code == 405:

@@ -8,12 +8,12 @@ import orjson
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from ..context.broker import Broker, Mutation
-from ..context.errors import BadRequestData, LdContextNotAvailable, NgsiLdError
+from ..context.broker import AttrReport, Broker, Mutation
+from ..context.errors import AlreadyExists, BadRequestData, LdContextNotAvailable, NgsiLdError
 from ..context.model import EntityParser, check_uri, now_iso
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
-from .common import JSONLD, Ctx, context_for, options_of, read_body
+from .common import JSONLD, Ctx, context_for, options_of, read_body, refuse_link_with_jsonld
 from .entities import attr_names, run_query
 
 router = APIRouter(prefix="/ngsi-ld/v1/entityOperations")
@@ -21,31 +21,43 @@ router = APIRouter(prefix="/ngsi-ld/v1/entityOperations")
 
 async def _batch_body(request: Request) -> tuple[list[tuple[Any, Ctx]], Ctx, list[dict]]:
     """The entities of a batch body, each with the Ctx of its own @context (application/ld+json lets every entity
-    bring one); an @context that cannot be fetched fails only its entities (207). Returns (pairs, ctx, errors)."""
+    bring one); an entity whose @context is missing, misplaced or cannot be fetched fails alone (207).
+    Returns (pairs, ctx, errors)."""
     body, media = await read_body(request)
-    if not isinstance(body, list):
-        raise BadRequestData("a batch body must be a JSON array")
+    _check_batch_array(body, "entities")
     resolver = request.app.state.contexts
-    if media != JSONLD or not body:
-        ctx = await context_for(request, resolver, body=body, media=media)
-        return [(item, ctx) for item in body], ctx, []
-    by_context: dict[bytes, Ctx | LdContextNotAvailable] = {}
+    if media == JSONLD:
+        refuse_link_with_jsonld(request)  # a request-level error (6.3.5), not one entity's
+    ctx = await context_for(request, resolver)
+    by_context: dict[bytes, Ctx | NgsiLdError] = {}
     pairs: list[tuple[Any, Ctx]] = []
     errors: list[dict] = []
     for item in body:
-        key = orjson.dumps(item.get("@context")) if isinstance(item, dict) else b"null"
+        if not isinstance(item, dict):
+            pairs.append((item, ctx))  # the parser reports it
+            continue
+        key = orjson.dumps(item.get("@context")) if media == JSONLD else orjson.dumps("@context" in item)
         if key not in by_context:
             try:
                 by_context[key] = await context_for(request, resolver, body=item, media=media)
-            except LdContextNotAvailable as failure:
+            except (BadRequestData, LdContextNotAvailable) as failure:
                 by_context[key] = failure
         found = by_context[key]
-        if isinstance(found, LdContextNotAvailable):
+        if isinstance(found, NgsiLdError):
             errors.append({"entityId": _id_of(item), "error": found.problem()})
         else:
             pairs.append((item, found))
-    ctx = pairs[0][1] if pairs else await context_for(request, resolver)
-    return pairs, ctx, errors
+    return pairs, pairs[0][1] if pairs else ctx, errors
+
+
+def _check_batch_array(body: Any, what: str) -> None:
+    """BadRequestData unless body is a non-empty JSON array without null items (5.6.7.4-5.6.10.4, 5.6.20.4)."""
+    if not isinstance(body, list):
+        raise BadRequestData(f"a batch body must be a JSON array of {what}")
+    if not body:
+        raise BadRequestData(f"a batch body must not be an empty array: give at least one of the {what}")
+    if any(item is None for item in body):
+        raise BadRequestData("a batch body must not contain null items")
 
 
 def _id_of(item: Any) -> str | None:
@@ -140,8 +152,13 @@ async def batch_update(request: Request) -> Response:
     fragments, parse_errors = _parse_all(pairs, require_type=False)
     errors += parse_errors
     ops = [(f["id"], Broker.append_op(f, no_overwrite=no_overwrite, must_exist=True)) for f in fragments]
-    success, run_errors, _ = await _run(request, ctx, ops)
+    success, run_errors, results = await _run(request, ctx, ops)
     errors += run_errors
+    for (entity_id, _), result in zip(ops, results):
+        if isinstance(result, AttrReport) and result.not_updated:  # noOverwrite skipped some: not a full success
+            success.remove(entity_id)
+            skipped = ", ".join(f"{ctx.terms.compact(name)} ({reason})" for name, reason in result.not_updated)
+            errors.append({"entityId": entity_id, "error": AlreadyExists(f"not updated: {skipped}").problem()})
     return _multi_status(ctx, success, errors) if errors else Response(status_code=204)
 
 
@@ -161,8 +178,7 @@ async def batch_merge(request: Request) -> Response:
 async def batch_delete(request: Request) -> Response:
     """Batch delete (5.6.10) of an array of ids: 204 or 207."""
     body, media = await read_body(request)
-    if not isinstance(body, list):
-        raise BadRequestData("a batch delete body must be a JSON array of entity ids")
+    _check_batch_array(body, "entity ids")
     ctx = await context_for(request, request.app.state.contexts)
     await request.app.state.broker.check_tenant(ctx.tenant)
     ops: list[tuple[str, Mutation]] = []

@@ -117,18 +117,23 @@ async def read_body(request: Request, *, merge_patch: bool = False) -> tuple[Any
     return body, content_type
 
 
+def refuse_link_with_jsonld(request: Request) -> None:
+    """BadRequestData if an application/ld+json request also sends a JSON-LD Link header (clause 6.3.5)."""
+    if link_context(request) is not None:
+        raise BadRequestData("Content-Type application/ld+json takes the @context from the body: "
+                             "a JSON-LD Link header must not be sent as well (clause 6.3.5)")
+
+
 async def context_for(request: Request, resolver, *, body: Any = None, media: str | None = None,
                       geojson: bool = False) -> Ctx:
     """Build the request's Ctx; the @context comes from the body for ld+json, else from the Link header."""
     tenant = tenant_of(request)
     accept = negotiate(request, geojson=geojson)
     if media == JSONLD:
-        if link_context(request) is not None:
-            raise BadRequestData("Content-Type application/ld+json takes the @context from the body: "
-                                 "a JSON-LD Link header must not be sent as well (clause 6.3.5)")
+        refuse_link_with_jsonld(request)
         items = body if isinstance(body, list) else [body]
         contexts = [item.get("@context") if isinstance(item, dict) else None for item in items]
-        if any(c is None for c in contexts):
+        if not contexts or any(c is None for c in contexts):
             raise BadRequestData("Content-Type application/ld+json needs an @context in the body")
         value = contexts[0]
         if any(c != value for c in contexts[1:]):

@@ -10,7 +10,8 @@ from fastapi.responses import Response
 from ..context.broker import AttrReport, Broker, QueryResult
 from ..context.errors import BadRequestData, OperationNotSupported, ResourceNotFound, TooManyResults
 from ..context.geo import parse_geoq
-from ..context.model import ENTITY_MEMBERS, EntityParser, Renderer, check_name, check_uri, expand_types
+from ..context.model import (ENTITY_MEMBERS, EntityParser, Renderer, check_attribute_name, check_name, check_uri,
+                             expand_types)
 from ..context.query import parse_q
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
@@ -157,6 +158,7 @@ def as_geojson(request: Request, ctx: Ctx, rendered: dict, doc: dict) -> dict:
 
 
 @router.post("/entities")
+@router.post("/entities/")
 async def create_entity(request: Request) -> Response:
     """Create an entity (5.6.1): 201 with Location, 409 AlreadyExists."""
     body, media = await read_body(request)
@@ -169,6 +171,7 @@ async def create_entity(request: Request) -> Response:
 
 
 @router.get("/entities")
+@router.get("/entities/")
 async def query_entities(request: Request) -> Response:
     """Query entities (5.7.2) by id, idPattern, type, attrs, q, geoQ; limit/offset/count."""
     ctx = await context_for(request, request.app.state.contexts, geojson=True)
@@ -270,6 +273,7 @@ async def delete_entity(entity_id: str, request: Request) -> Response:
 
 
 @router.post("/entities/{entity_id}/attrs")
+@router.post("/entities/{entity_id}/attrs/")
 async def append_attributes(entity_id: str, request: Request) -> Response:
     """Append attributes (5.6.3), options=noOverwrite: 204, or 207 with updated / notUpdated."""
     check_uri(entity_id, "entity id")
@@ -283,6 +287,7 @@ async def append_attributes(entity_id: str, request: Request) -> Response:
 
 
 @router.patch("/entities/{entity_id}/attrs")
+@router.patch("/entities/{entity_id}/attrs/")
 async def update_attributes(entity_id: str, request: Request) -> Response:
     """Update existing attributes (5.6.2): 204, or 207 listing those not updated."""
     check_uri(entity_id, "entity id")
@@ -308,12 +313,16 @@ async def replace_attribute(entity_id: str, attr: str, request: Request) -> Resp
 
 async def _attribute_write(entity_id: str, attr: str, request: Request, *, replace: bool) -> Response:
     check_uri(entity_id, "entity id")
-    check_name(attr)
+    check_attribute_name(attr)
     body, media = await read_body(request, merge_patch=not replace)
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k != "@context"}
+        if not body:
+            raise BadRequestData(f"the fragment for attribute {attr!r} is empty")
     name = ctx.terms.expand(attr)
+    if name == ctx.terms.expand("scope"):  # 5.6.4.4 / 5.6.19.4
+        raise BadRequestData("scope is not an attribute: change it with PATCH or POST /entities/{id}/attrs")
     if not replace and _only_sub_attributes(body):
         op = _sub_attributes_patch_op(entity_id, name, EntityParser(ctx.terms), body)
     else:
@@ -359,7 +368,7 @@ def _placeholder(kind: str) -> Any:
 async def delete_attribute(entity_id: str, attr: str, request: Request) -> Response:
     """Delete an attribute (5.6.5): the default instance, ?datasetId=, or ?deleteAll=true; 404 if absent."""
     check_uri(entity_id, "entity id")
-    check_name(attr)
+    check_attribute_name(attr)
     ctx = await context_for(request, request.app.state.contexts)
     dataset_id = request.query_params.get("datasetId")
     if dataset_id is not None:

@@ -234,8 +234,14 @@ class Broker:
                 for type_iri in fragment["type"]:
                     if type_iri not in doc["type"]:
                         doc["type"].append(type_iri)
-            if "scope" in fragment:
-                doc["scope"] = fragment["scope"]
+            if "scope" in fragment:  # clause 4.18: noOverwrite adds scopes, update never gives an entity one
+                if only_existing and "scope" not in doc:
+                    report.not_updated.append(("scope", "the entity has no scope"))
+                elif no_overwrite:
+                    old = doc.get("scope", [])
+                    doc["scope"] = old + [item for item in fragment["scope"] if item not in old]
+                else:
+                    doc["scope"] = fragment["scope"]
             if report.updated or "type" in fragment:
                 doc["modifiedAt"] = now
             return doc, report
@@ -305,6 +311,9 @@ class Broker:
                 if not replace and _is_null(inst):
                     existing = [old for old in existing if old is not match]
                     continue
+                if not replace and inst["type"] != match["type"]:  # 5.6.4.4: a partial update keeps the type
+                    raise BadRequestData(f"attribute {name} is a {match['type']}: a partial update cannot make it "
+                                         f"a {inst['type']} (replace the attribute instead)")
                 new = stamp(inst, now, match["createdAt"]) if replace else merge_instance(match, inst, now)
                 existing = [new if old is match else old for old in existing]
             if existing:

@@ -23,6 +23,7 @@ from .geo import validate_geojson
 from .jsonld import TermMap
 
 NULL_URI = "urn:ngsi-ld:null"
+LANGUAGE_NULL = {"@none": NULL_URI}  # the NGSI-LD Null of a LanguageProperty's languageMap (clause 5.2.1)
 ATTRIBUTE_TYPES = ("Property", "GeoProperty", "Relationship", "LanguageProperty", "ListProperty",
                    "ListRelationship", "JsonProperty", "VocabProperty")
 VALUE_MEMBER = {"Property": "value", "GeoProperty": "value", "Relationship": "object", "LanguageProperty": "languageMap",
@@ -37,6 +38,7 @@ CORE_MEMBERS = frozenset({"type", "value", "object", "objectList", "languageMap"
                           "previousValue", "previousObject", "previousLanguageMap", "previousValueList",
                           "previousObjectList", "previousJson", "previousVocab"}) | SYSTEM_MEMBERS
 ENTITY_MEMBERS = frozenset({"id", "type", "@context", "scope", "createdAt", "modifiedAt", "deletedAt"})
+RESERVED_ATTRIBUTE_NAMES = CORE_MEMBERS | ENTITY_MEMBERS  # core member terms no attribute may be named (4.5.1)
 GEOJSON_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
                            "GeometryCollection"})
 _FORBIDDEN_NAME = re.compile(r"[<>\"'=;()\s\x00-\x1f]")
@@ -90,12 +92,20 @@ def check_name(name: Any, what: str = "attribute name") -> str:
     """Return name if it is a valid NGSI-LD name (clause 4.6.2), else raise BadRequestData."""
     if name in _VALID_NAMES if isinstance(name, str) else False:
         return name
-    if not isinstance(name, str) or not name or _FORBIDDEN_NAME.search(name):
-        raise BadRequestData(f"invalid {what} {name!r}: names must be non-empty and contain none of < > \" ' = ; ( ) or whitespace")
+    if not isinstance(name, str) or not name or _FORBIDDEN_NAME.search(name) or name[0] == "@":
+        raise BadRequestData(f"invalid {what} {name!r}: names must be non-empty, not start with @ (a JSON-LD keyword) "
+                             "and contain none of < > \" ' = ; ( ) or whitespace")
     if len(_VALID_NAMES) > 50_000:
         _VALID_NAMES.clear()
     _VALID_NAMES.add(name)
     return name
+
+
+def check_attribute_name(name: Any) -> str:
+    """check_name for an attribute name, which must not be a core NGSI-LD member term either (clause 4.5.1)."""
+    if name in RESERVED_ATTRIBUTE_NAMES:
+        raise BadRequestData(f"invalid attribute name {name!r}: it is a core NGSI-LD term (clause 4.5.1)")
+    return check_name(name)
 
 
 def expand_types(value: Any, terms: TermMap) -> list[str]:
@@ -150,8 +160,8 @@ class EntityParser:
         for name, raw in body.items():
             if name in ENTITY_MEMBERS:
                 continue
-            if name not in _VALID_NAMES:
-                check_name(name)
+            if name not in _VALID_NAMES or name in RESERVED_ATTRIBUTE_NAMES:
+                check_attribute_name(name)
             iri = expand(name)
             if iri in attrs:
                 raise BadRequestData(f"attribute {name!r} is given twice")
@@ -200,9 +210,12 @@ class EntityParser:
         value = raw[member]
         if value is None:
             raise BadRequestData(f"attribute {name!r}: {member!r} must not be null")
+        if member == "languageMap" and value == LANGUAGE_NULL:
+            value = NULL_URI  # stored like every other NGSI-LD Null, so updates and merges delete with it
         if value == NULL_URI:
             if not allow_null:
-                raise BadRequestData(f"attribute {name!r}: urn:ngsi-ld:null is only allowed in merge and partial updates")
+                raise BadRequestData(f"attribute {name!r}: an NGSI-LD Null (urn:ngsi-ld:null, or {{\"@none\": "
+                                     f"\"urn:ngsi-ld:null\"}} as a languageMap) is only allowed in merge and partial updates")
         elif kind != "Property":
             value = self._value(name, kind, value)
         out: dict[str, Any] = {"type": kind, member: value}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import orjson
 
-from tests.conftest import link
+from tests.conftest import CORE, link
 from tests.conftest import assert_problem
 
 ERR = "https://uri.etsi.org/ngsi-ld/errors/"
@@ -538,3 +538,143 @@ def test_delete_attribute_name_is_expanded_with_the_link_context(api, context_se
     assert_problem(api.delete(f"{ATTRS}/colour"), 404, "ResourceNotFound")
     assert api.delete(f"{ATTRS}/colour", headers=link(url)).status_code == 204
     assert "https://example.org/del/colour" not in get(api)
+
+
+# ------------------------------------------------------------------------------------------------ 5.2.1 LanguageProperty null
+
+STREET = {"type": "LanguageProperty", "languageMap": {"fr": "Grand Place", "nl": "Grote Markt"}}
+LANGUAGE_NULL = {"type": "LanguageProperty", "languageMap": {"@none": "urn:ngsi-ld:null"}}
+
+
+def test_language_null_deletes_in_merge_update_and_partial_update(api):
+    """5.2.1 / 5.6.17, 5.6.2, 5.6.4 (ETSI 056_03_04): {"@none": "urn:ngsi-ld:null"} as a languageMap is the
+    NGSI-LD Null of a LanguageProperty: merge, update and partial update delete the attribute with it."""
+    for method, path, body in [("PATCH", f"/entities/{EID}", {"street": LANGUAGE_NULL}),
+                               ("PATCH", ATTRS, {"street": LANGUAGE_NULL}),
+                               ("PATCH", f"{ATTRS}/street", LANGUAGE_NULL)]:
+        api.delete(f"/entities/{EID}")
+        setup_vehicle(api, street=STREET)
+        response = api.send_json(method, path, body)
+        assert response.status_code == 204, (path, response.text)
+        assert "street" not in get(api), path
+
+
+def test_language_null_deletes_one_instance_in_merge(api):
+    """5.2.1 / 5.6.17 (ETSI 056_04_04): a LanguageProperty Null with a datasetId deletes only that instance."""
+    setup_vehicle(api, street=[STREET, {**STREET, "datasetId": GPS}])
+    response = api.send_json("PATCH", f"/entities/{EID}", {"street": {**LANGUAGE_NULL, "datasetId": GPS}})
+    assert response.status_code == 204, response.text
+    assert get(api)["street"] == STREET
+
+
+def test_language_null_where_nulls_are_not_allowed_is_bad_request_data(api):
+    """5.2.1: an NGSI-LD Null is BadRequestData outside merge and partial updates: create, replace entity,
+    append attributes and replace attribute refuse the LanguageProperty Null and store nothing."""
+    assert_problem(api.post_json("/entities", {"id": EID, "type": "Vehicle", "street": LANGUAGE_NULL}),
+                   400, "BadRequestData")
+    setup_vehicle(api, street=STREET)
+    for method, path, body in [("PUT", f"/entities/{EID}", {"type": "Vehicle", "street": LANGUAGE_NULL}),
+                               ("POST", ATTRS, {"street": LANGUAGE_NULL}),
+                               ("PUT", f"{ATTRS}/street", LANGUAGE_NULL)]:
+        assert_problem(api.send_json(method, path, body), 400, "BadRequestData")
+    assert get(api)["street"] == STREET
+
+
+# ------------------------------------------------------------------------------------------------ 4.18 scope in attribute operations
+
+
+def test_append_with_no_overwrite_adds_scopes(api):
+    """4.18 / 5.6.3 (ETSI 010_07): with options=noOverwrite the given scopes join the entity's own."""
+    setup_vehicle(api, scope="/Madrid")
+    response = api.post_json(ATTRS, {"scope": ["/Nara", "/Madrid"]}, params={"options": "noOverwrite"})
+    assert response.status_code == 204, response.text
+    assert get(api)["scope"] == ["/Madrid", "/Nara"]
+    assert api.post_json(ATTRS, {"scope": "/Kyoto"}).status_code == 204  # without noOverwrite: replaced
+    assert get(api)["scope"] == "/Kyoto"
+
+
+def test_update_does_not_give_an_entity_a_scope(api):
+    """4.18 / 5.6.2 (ETSI 011_05_02): update changes the scope of an entity that has one; on an entity without
+    scope it is reported not updated (207) and no scope is added."""
+    setup_vehicle(api)
+    response = api.send_json("PATCH", ATTRS, {"scope": "/Nara", "brand": prop("Seat")})
+    assert response.status_code == 207, response.text
+    assert [item["attributeName"] for item in response.json()["notUpdated"]] == ["scope"]
+    got = get(api)
+    assert "scope" not in got and got["brand"] == prop("Seat")
+    api.delete(f"/entities/{EID}")
+    setup_vehicle(api, scope="/Madrid")
+    assert api.send_json("PATCH", ATTRS, {"scope": "/Nara"}).status_code == 204
+    assert get(api)["scope"] == "/Nara"
+
+
+def test_scope_as_target_attribute_is_bad_request_data(api):
+    """5.6.4.4 / 5.6.19.4 (ETSI 055_03_05): PATCH or PUT /attrs/scope is BadRequestData; the scope stays."""
+    setup_vehicle(api, scope="/Madrid")
+    for method in ("PUT", "PATCH"):
+        for name in ("scope", "ngsi-ld:scope"):
+            assert_problem(api.send_json(method, f"{ATTRS}/{name}", prop("/B")), 400, "BadRequestData")
+    assert get(api)["scope"] == "/Madrid"
+
+
+# ------------------------------------------------------------------------------------------------ 4.6.2 / 4.5.1 attribute names
+
+RESERVED = ["datasetId", "instanceId", "observedAt", "unitCode", "value", "object", "objectList", "languageMap",
+            "valueList", "json", "vocab", "objectType", "lang", "previousValue"]
+
+
+def test_keyword_as_attribute_or_type_name_is_bad_request_data(api):
+    """4.6.2 (ETSI 055_03_03): a name starting with @ (a JSON-LD keyword) is BadRequestData, in the URL or the body."""
+    setup_vehicle(api)
+    assert_problem(api.send_json("PUT", f"{ATTRS}/@invalid", {"type": "Relationship", "object": "urn:ngsi-ld:P:2"}),
+                   400, "BadRequestData")
+    assert_problem(api.post_json(ATTRS, {"@invalid": prop(1)}), 400, "BadRequestData")
+    assert_problem(api.post_json("/entities", {"id": "urn:ngsi-ld:Vehicle:k1", "type": "@Vehicle"}), 400, "BadRequestData")
+    assert "@invalid" not in get(api)
+
+
+def test_core_member_term_as_attribute_name_is_bad_request_data(api):
+    """4.5.1: the core member terms (datasetId, observedAt, value, ...) cannot name an attribute: create, append
+    and the attribute routes refuse them (in a body createdAt / modifiedAt / deletedAt are the entity's own
+    system members, ignored on input, so only the URL can use them as attribute names)."""
+    setup_vehicle(api)
+    for name in RESERVED:
+        entity = {"id": "urn:ngsi-ld:Vehicle:r1", "type": "Vehicle", name: prop(1)}
+        assert_problem(api.post_json("/entities", entity), 400, "BadRequestData")
+        assert_problem(api.post_json(ATTRS, {name: prop(1)}), 400, "BadRequestData")
+    for method in ("PUT", "PATCH"):
+        for name in ("observedAt", "createdAt"):
+            assert_problem(api.send_json(method, f"{ATTRS}/{name}", prop(1)), 400, "BadRequestData")
+    for name in ("datasetId", "modifiedAt"):
+        assert_problem(api.delete(f"{ATTRS}/{name}"), 400, "BadRequestData")
+    assert api.get("/entities/urn:ngsi-ld:Vehicle:r1").status_code == 404
+
+
+def test_names_outside_the_strict_grammar_stay_accepted(api):
+    """4.6.2 says "should": names with '-' (used by device profiles and data models) are still accepted."""
+    setup_vehicle(api)
+    assert api.post_json(ATTRS, {"co2-level": prop(400)}).status_code == 204
+    assert get(api)["co2-level"] == prop(400)
+
+
+# ------------------------------------------------------------------------------------------------ 5.6.4 / 5.6.19 fragment checks
+
+
+def test_partial_attribute_update_cannot_change_the_attribute_type(api):
+    """5.6.4.4 (ETSI 012_02_03): a fragment whose type differs from the target attribute's is BadRequestData; the
+    attribute is unchanged (replace attribute, 5.6.19, may still change it)."""
+    setup_vehicle(api)
+    fragment = {"type": "Relationship", "object": "urn:ngsi-ld:Entity:01"}
+    assert_problem(api.send_json("PATCH", f"{ATTRS}/speed", fragment), 400, "BadRequestData")
+    assert get(api)["speed"] == prop(55, unitCode="KMH")
+
+
+def test_empty_attribute_fragment_is_bad_request_data(api):
+    """5.6.4.4 / 5.6.19.4 (ETSI 012_02_04): an empty fragment is BadRequestData for partial update and replace,
+    with either media type; the attribute is unchanged."""
+    setup_vehicle(api)
+    for method in ("PATCH", "PUT"):
+        assert_problem(api.send_json(method, f"{ATTRS}/speed", {}), 400, "BadRequestData")
+        assert_problem(api.send_json(method, f"{ATTRS}/speed", {"@context": CORE}, content_type="application/ld+json"),
+                       400, "BadRequestData")
+    assert get(api)["speed"] == prop(55, unitCode="KMH")

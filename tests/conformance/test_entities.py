@@ -703,3 +703,39 @@ def test_method_not_allowed_is_405_with_allow_header(api):
     got = api.post(f"/entities/{EID}", content=b"{}", headers={"Content-Type": "application/json"})
     assert got.status_code == 405
     assert {m.strip() for m in got.headers["Allow"].split(",")} == {"GET", "PUT", "PATCH", "DELETE"}
+
+
+@pytest.mark.parametrize("method,path", [("PUT", ""), ("PATCH", ""), ("POST", "/attrs"), ("PATCH", "/attrs")])
+def test_jsonld_array_body_is_400_not_500(api, method, path):
+    """6.3.5: an application/ld+json body that is an empty array is BadRequestData, never an InternalError."""
+    api.post_json("/entities", {"id": "urn:ngsi-ld:Vehicle:a1", "type": "Vehicle"})
+    got = api.send_json(method, f"/entities/urn:ngsi-ld:Vehicle:a1{path}", [], content_type="application/ld+json")
+    assert_problem(got, 400, "BadRequestData")
+
+
+def test_trailing_slash_resource_uris_are_served_directly(api):
+    """6.2 Table 6.2-1: the Entity List /entities/ and Attribute List /entities/{id}/attrs/ are answered by their
+    handlers, with no redirect (the ETSI suite posts to these URIs)."""
+    created = api.post_json("/entities/", {"id": "urn:ngsi-ld:Vehicle:s1", "type": "Vehicle"})
+    assert created.status_code == 201, created.text
+    listed = api.get("/entities/", params={"type": "Vehicle", "options": "keyValues"})
+    assert listed.status_code == 200 and listed.json() == [{"id": "urn:ngsi-ld:Vehicle:s1", "type": "Vehicle"}]
+    appended = api.post_json("/entities/urn:ngsi-ld:Vehicle:s1/attrs/", {"speed": {"type": "Property", "value": 1}})
+    assert appended.status_code == 204, appended.text
+    updated = api.send_json("PATCH", "/entities/urn:ngsi-ld:Vehicle:s1/attrs/", {"speed": {"type": "Property", "value": 2}})
+    assert updated.status_code == 204, updated.text
+    got = api.get("/entities/urn:ngsi-ld:Vehicle:s1", params={"options": "keyValues"}).json()
+    assert got == {"id": "urn:ngsi-ld:Vehicle:s1", "type": "Vehicle", "speed": 2}
+
+
+@pytest.mark.parametrize("method,path", [
+    ("POST", "/entities//attrs"), ("POST", "/entities//attrs/"), ("PATCH", "/entities//attrs"),
+    ("PATCH", "/entities//attrs/speed"), ("PUT", "/entities//attrs/speed"), ("DELETE", "/entities//attrs/speed"),
+    ("PUT", "/entities/"), ("PATCH", "/entities/"), ("DELETE", "/entities/")])
+def test_missing_entity_id_is_bad_request_data(api, method, path):
+    """5.6.2.4-5.6.6.4, 5.6.17.4-5.6.19.4 (ETSI 010_02_01, 011_02_01, 012_02_01, 013_02_01, 054_02_02, 056_02_02):
+    an empty entity id in the URL is BadRequestData, not 404 or 405."""
+    body = None if method == "DELETE" else {"speed": {"type": "Property", "value": 1}}
+    got = api.request(method, path, content=orjson.dumps(body) if body else None,
+                      headers={"Content-Type": "application/json"} if body else {})
+    assert_problem(got, 400, "BadRequestData")
