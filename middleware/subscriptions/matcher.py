@@ -17,7 +17,7 @@ from typing import Any
 import orjson
 
 from ..context.geo import GeoQuery, parse_geoq
-from ..context.jsonld import CORE_CONTEXT_URL, TermMap
+from ..context.jsonld import CORE_CONTEXT_URL, TermMap, is_core_context_url
 from ..context.model import NULL_URI, VALUE_MEMBER, Renderer
 from ..context.query import Query, parse_q
 from ..store.base import OutboxRow
@@ -86,16 +86,37 @@ class Compiled:
         return True
 
 
+def context_link(context: Any) -> str | None:
+    """The one URL a Link header can name for this @context (core if none is given), or None if no URL can.
+
+    A URL names itself; an array of URLs is named by its only non-core URL (the core context applies anyway),
+    or by the core URL when it holds nothing else. An inline object, or several non-core URLs, has no name."""
+    if context is None:
+        return CORE_CONTEXT_URL
+    if isinstance(context, str):
+        return context
+    if isinstance(context, list) and all(isinstance(item, str) for item in context):
+        urls = [item for item in context if not is_core_context_url(item)]
+        if len(urls) <= 1:
+            return urls[0] if urls else CORE_CONTEXT_URL
+    return None
+
+
+def notification_context(doc: dict) -> tuple[Any, bool]:
+    """The @context a subscription's notifications are compacted with (jsonldContext, else the creation one),
+    and whether it must be replaced by the core context (application/json names it by a Link it cannot have)."""
+    context = doc.get("jsonldContext") or doc.get("@context")
+    linked = doc["notification"]["endpoint"].get("accept", "application/json") == "application/json"
+    return context, linked and context_link(context) is None
+
+
 def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: TermMap) -> Compiled:
-    """Parse a stored subscription's selectors, q and geoQ once."""
-    jsonld_context = doc.get("jsonldContext")
-    creation = doc.get("@context")
-    if jsonld_context:
-        url, value = jsonld_context, jsonld_context
-    elif isinstance(creation, str):
-        url, value = creation, creation
+    """Parse a stored subscription's selectors, q and geoQ once (out_terms compact per notification_context)."""
+    context, unlinkable = notification_context(doc)
+    if unlinkable:  # compacted with the core context (service.compile), so the core Link describes the data
+        url, value = CORE_CONTEXT_URL, CORE_CONTEXT_URL
     else:
-        url, value = CORE_CONTEXT_URL, creation if creation is not None else CORE_CONTEXT_URL
+        url, value = context_link(context) or CORE_CONTEXT_URL, context if context is not None else CORE_CONTEXT_URL
     compiled = Compiled(tenant, doc["id"], doc, terms, out_terms, url, value)
     compiled.selectors = [(s.get("id"), re.compile(s["idPattern"]) if "idPattern" in s and "id" not in s else None,
                            s["type"]) for s in doc.get("entities", ())]

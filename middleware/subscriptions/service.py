@@ -13,7 +13,8 @@ from ..context.model import now_iso
 from ..context.typeexpr import TypeSelection
 from ..store.base import OutboxRow, Store, SubscriptionRecord
 from .delivery import Dispatcher
-from .matcher import Compiled, Planner, SubscriptionIndex, compile_subscription, notification_payload, render_for
+from .matcher import (Compiled, Planner, SubscriptionIndex, compile_subscription, notification_context,
+                      notification_payload, render_for)
 from .model import merge_fragment, validate_subscription
 
 log = logging.getLogger("citybridge.subscriptions")
@@ -68,7 +69,8 @@ class SubscriptionService:
     async def compile(self, tenant: str, doc: dict) -> Compiled:
         """Compile a stored subscription with its @context (and jsonldContext) resolved."""
         terms = await self.contexts.resolve(doc.get("@context"))
-        out_terms = await self.contexts.resolve(doc["jsonldContext"]) if doc.get("jsonldContext") else terms
+        context, unlinkable = notification_context(doc)
+        out_terms = await self.contexts.resolve(None if unlinkable else context)
         return compile_subscription(tenant, doc, terms, out_terms)
 
     async def _load(self) -> None:

@@ -79,6 +79,26 @@ def test_mqtt_message_has_metadata_and_body(api, mosquitto, version):
         listener.close()
 
 
+def test_mqtt_metadata_link_names_the_context_array(api, mosquitto, context_server):
+    """metadata.Link names the @context the body was compacted with, also when it was given as an array."""
+    ctx_url = context_server.publish(f"/ctx/{uuid.uuid4().hex}.jsonld", {"temp": "https://example.org/m#temperature"})
+    topic = f"citybridge/{uuid.uuid4().hex[:8]}/notify"
+    listener = Listener(mosquitto.port, topic)
+    try:
+        body = {"type": "Subscription", "entities": [{"type": "Sensor"}], "@context": [ctx_url],
+                "notification": {"endpoint": {"uri": f"mqtt://127.0.0.1:{mosquitto.port}/{topic}"}}}
+        response = api.send_json("POST", "/subscriptions", body, content_type="application/ld+json")
+        assert response.status_code == 201, response.text
+        created = api.post_json("/entities", {"id": "urn:ngsi-ld:Sensor:ma", "type": "Sensor",
+                                              "https://example.org/m#temperature": {"type": "Property", "value": 1}})
+        assert created.status_code == 201
+        (message,) = listener.wait(1)
+        assert message["metadata"]["Link"] == link(ctx_url)["Link"]
+        assert message["body"]["data"][0]["temp"] == {"type": "Property", "value": 1}
+    finally:
+        listener.close()
+
+
 def test_mqtt_ld_json_has_context_in_data_and_no_link(api, mosquitto):
     """accept application/ld+json over MQTT: Content-Type metadata, no Link, @context in each data item."""
     topic = f"citybridge/{uuid.uuid4().hex[:8]}"

@@ -384,6 +384,34 @@ def test_user_context_compacts_notifications(api, receiver, context_server):
     assert data(ld)[0]["@context"] == ctx_url and data(ld)[0]["temp"]["value"] == 7
 
 
+def test_json_notification_links_the_context_it_was_compacted_with(api, receiver, context_server):
+    """application/json: the Link names the context the data was compacted with, also for an @context array
+    (6.3.5, 5.2.12 jsonldContext); a context no single URL names compacts with (and links) the core context."""
+    ns = "https://example.org/arr#"
+    terms = {"temp": ns + "temperature", "Thermo": ns + "Thermometer"}
+    ctx_url = context_server.publish(f"/ctx/{uuid.uuid4().hex}.jsonld", terms)
+    other_url = context_server.publish(f"/ctx/{uuid.uuid4().hex}.jsonld", {"hum": ns + "humidity"})
+    contexts = {"array": [ctx_url], "with-core": [CORE, ctx_url], "inline": terms, "two-urls": [ctx_url, other_url]}
+    paths = {}
+    for name, context in contexts.items():
+        paths[name], uri = receiver.endpoint()
+        body = {"type": "Subscription", "entities": [{"type": "Thermo"}], "notification": {"endpoint": {"uri": uri}},
+                "@context": context}
+        ok(api.send_json("POST", "/subscriptions", body, content_type="application/ld+json"), 201)
+    create(api, {"id": "urn:ngsi-ld:Thermometer:arr", "type": ns + "Thermometer",
+                 ns + "temperature": {"type": "Property", "value": 7}})
+    for name in ("array", "with-core"):
+        (plain,) = receiver.wait(paths[name], 1)
+        assert plain["headers"]["link"] == link(ctx_url)["Link"], name
+        assert data(plain) == [{"id": "urn:ngsi-ld:Thermometer:arr", "type": "Thermo",
+                                "temp": {"type": "Property", "value": 7}}], name
+    for name in ("inline", "two-urls"):
+        (plain,) = receiver.wait(paths[name], 1)
+        assert plain["headers"]["link"] == link(CORE)["Link"], name
+        assert data(plain) == [{"id": "urn:ngsi-ld:Thermometer:arr", "type": ns + "Thermometer",
+                                ns + "temperature": {"type": "Property", "value": 7}}], name
+
+
 def test_receiver_info_headers_and_tenant(api, receiver):
     """receiverInfo pairs become HTTP headers; the tenant is sent as NGSILD-Tenant."""
     path, uri = receiver.endpoint()
