@@ -297,12 +297,14 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
 
 
 def _deleted_attribute(instances: list[dict], fmt: str, show_changes: bool, sys_attrs: bool, now: str) -> Any:
-    """A deleted attribute: just urn:ngsi-ld:null, unless a datasetId, sysAttrs or showChanges need an object (5.8.6)."""
+    """A deleted attribute (5.2.1, 5.8.6): normalized, {"type", value|object: urn:ngsi-ld:null} (languageMap
+    {"@none": urn:ngsi-ld:null}); keyValues the bare null; concise the bare urn:ngsi-ld:null unless a datasetId,
+    sysAttrs or showChanges need an object."""
     shown = []
     for inst in instances:
         member = VALUE_MEMBER[inst["type"]]
         null = {"@none": NULL_URI} if member == "languageMap" else NULL_URI
-        if fmt == "keyValues" or not (show_changes or sys_attrs or "datasetId" in inst):
+        if fmt == "keyValues" or fmt == "concise" and not (show_changes or sys_attrs or "datasetId" in inst):
             shown.append(null if fmt == "keyValues" else NULL_URI)
             continue
         item: dict[str, Any] = {"type": inst["type"]} if fmt == "normalized" else {}

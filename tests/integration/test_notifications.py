@@ -236,11 +236,32 @@ def test_every_trigger_and_the_default(api, receiver):
     assert "humidity" in seen["attributeCreated"][1]
     assert [temp(i) for i in seen["attributeUpdated"]] == [21]
     assert [temp(i) for i in seen[None]] == [20, 21, 21]
-    assert [i["humidity"] for i in seen["attributeDeleted"]] == [NULL]
+    assert [i["humidity"] for i in seen["attributeDeleted"]] == [{"type": "Property", "value": NULL}]
     # entityUpdated is attributeCreated + attributeUpdated + attributeDeleted (5.2.12), so creation counts too
-    assert [temp(i) for i in seen["entityUpdated"]] == [20, 21, 21, 21] and seen["entityUpdated"][3]["humidity"] == NULL
+    assert [temp(i) for i in seen["entityUpdated"]] == [20, 21, 21, 21] and seen["entityUpdated"][3]["humidity"]["value"] == NULL
     (deleted,) = seen["entityDeleted"]
     assert set(deleted) == {"id", "type", "deletedAt"} and deleted["type"] == "Sensor"
+
+
+def test_deleted_attributes_are_typed_in_normalized_and_bare_in_key_values(api, receiver):
+    """5.2.1: a deleted attribute is urn:ngsi-ld:null as Property value / Relationship object ({"@none": ...} for a
+    LanguageProperty), inside the attribute's normalized object; keyValues and concise show the bare null."""
+    paths = {}
+    for fmt in ("normalized", "keyValues", "concise"):
+        paths[fmt], uri = receiver.endpoint()
+        subscribe(api, uri, notificationTrigger=["attributeDeleted"], notification={"format": fmt})
+    e = "urn:ngsi-ld:Sensor:del"
+    create(api, {**entity(e, temperature=1), "owner": {"type": "Relationship", "object": "urn:ngsi-ld:Person:1"},
+                 "label": {"type": "LanguageProperty", "languageMap": {"en": "x"}}})
+    for name in ("temperature", "owner", "label"):
+        ok(api.delete(f"/entities/{e}/attrs/{name}"))
+    shown = {fmt: [data(r)[0] for r in receiver.wait(path, 3)] for fmt, path in paths.items()}
+    assert [item[name] for item, name in zip(shown["normalized"], ("temperature", "owner", "label"))] == [
+        {"type": "Property", "value": NULL}, {"type": "Relationship", "object": NULL},
+        {"type": "LanguageProperty", "languageMap": {"@none": NULL}}]
+    assert [item[name] for item, name in zip(shown["keyValues"], ("temperature", "owner", "label"))] == [
+        NULL, NULL, {"@none": NULL}]
+    assert [item[name] for item, name in zip(shown["concise"], ("temperature", "owner", "label"))] == [NULL] * 3
 
 
 def test_watched_attributes(api, receiver):
