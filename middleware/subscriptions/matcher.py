@@ -20,6 +20,7 @@ from ..context.geo import GeoQuery, parse_geoq
 from ..context.jsonld import CORE_CONTEXT_URL, TermMap, is_core_context_url
 from ..context.model import NULL_URI, VALUE_MEMBER, Renderer
 from ..context.query import Query, parse_q
+from ..context.typeexpr import TypeSelection, parse_type_selection
 from ..store.base import OutboxRow
 from .model import parse_time
 
@@ -42,7 +43,7 @@ class Compiled:
     out_terms: TermMap             # compacts its notifications (jsonldContext, else the creation @context)
     context_url: str               # for the Link header / metadata of application/json notifications
     context_value: Any             # for the @context of application/ld+json notifications
-    selectors: list[tuple[str | None, re.Pattern | None, str]] = field(default_factory=list)
+    selectors: list[tuple[str | None, re.Pattern | None, TypeSelection]] = field(default_factory=list)
     watched: frozenset[str] | None = None
     triggers: frozenset[str] = frozenset()
     q: Query | None = None
@@ -65,8 +66,8 @@ class Compiled:
         """True if the entity matches one of the entity selectors (or there are none)."""
         if not self.selectors:
             return True
-        for entity_id, pattern, type_iri in self.selectors:
-            if type_iri not in doc["type"]:
+        for entity_id, pattern, types in self.selectors:
+            if not types.matches(doc["type"]):
                 continue
             if entity_id is not None:
                 if entity_id == doc["id"]:
@@ -119,7 +120,7 @@ def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: Term
         url, value = context_link(context) or CORE_CONTEXT_URL, context if context is not None else CORE_CONTEXT_URL
     compiled = Compiled(tenant, doc["id"], doc, terms, out_terms, url, value)
     compiled.selectors = [(s.get("id"), re.compile(s["idPattern"]) if "idPattern" in s and "id" not in s else None,
-                           s["type"]) for s in doc.get("entities", ())]
+                           parse_type_selection(s["type"], str)) for s in doc.get("entities", ())]  # names stored expanded
     if "watchedAttributes" in doc:
         compiled.watched = frozenset(doc["watchedAttributes"])
     triggers = set(doc.get("notificationTrigger", ()))
@@ -150,8 +151,11 @@ class SubscriptionIndex:
         """The index keys under which a subscription is found."""
         if sub.selectors:
             keys = []
-            for entity_id, pattern, type_iri in sub.selectors:
-                keys.append((sub.tenant, "id", entity_id) if entity_id is not None else (sub.tenant, "type", type_iri))
+            for entity_id, pattern, types in sub.selectors:
+                if entity_id is not None:
+                    keys.append((sub.tenant, "id", entity_id))
+                else:  # a type selection is found under every type it names
+                    keys.extend((sub.tenant, "type", name) for name in types.names)
             return list(dict.fromkeys(keys))
         return [(sub.tenant, "attr", name) for name in sub.watched or ()]
 

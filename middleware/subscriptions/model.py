@@ -17,6 +17,7 @@ from ..context.geo import parse_geoq
 from ..context.jsonld import TermMap
 from ..context.model import NULL_URI, check_datetime, check_name, check_uri
 from ..context.query import parse_q
+from ..context.typeexpr import parse_type_selection, rename_type_names
 
 TRIGGERS = ("entityCreated", "entityUpdated", "entityDeleted", "attributeCreated", "attributeUpdated", "attributeDeleted")
 DEFAULT_TRIGGERS = ["attributeCreated", "attributeUpdated"]
@@ -170,7 +171,11 @@ def _selector(selector: Any, terms: TermMap) -> dict:
         raise BadRequestData("an entity selector must be an object")
     if not isinstance(selector.get("type"), str):
         raise BadRequestData("an entity selector needs a type (5.2.33)")
-    out = {"type": terms.expand(check_name(selector["type"], "entity type"))}
+    def expand(name: str) -> str:
+        return terms.expand(check_name(name, "entity type"))
+
+    parse_type_selection(selector["type"], expand)  # a name, or a type selection (4.17): (A|B), A,B, A;B
+    out = {"type": rename_type_names(selector["type"], expand)}
     if "id" in selector:
         out["id"] = check_uri(selector["id"], "entity selector id")
     if "idPattern" in selector:
@@ -231,7 +236,7 @@ def to_body(stored: dict, terms: TermMap) -> dict:
     compact = terms.compact
     body = {k: v for k, v in stored.items() if k not in ("@context",)}
     if "entities" in stored:
-        body["entities"] = [dict(s, type=compact(s["type"])) for s in stored["entities"]]
+        body["entities"] = [dict(s, type=rename_type_names(s["type"], compact)) for s in stored["entities"]]
     if "watchedAttributes" in stored:
         body["watchedAttributes"] = [compact(a) for a in stored["watchedAttributes"]]
     notification = dict(stored["notification"])

@@ -10,7 +10,6 @@ from ..context.broker import Broker
 from ..context.errors import AlreadyExists, LdContextNotAvailable, ResourceNotFound
 from ..context.jsonld import ContextResolver
 from ..context.model import now_iso
-from ..context.typeexpr import TypeSelection
 from ..store.base import OutboxRow, Store, SubscriptionRecord
 from .delivery import Dispatcher
 from .matcher import (Compiled, Planner, SubscriptionIndex, compile_subscription, notification_context,
@@ -211,10 +210,9 @@ class SubscriptionService:
         if not await self.store.acquire_leases(self.dispatcher.owner, [lease], interval * 0.9):
             return
         matched: dict[str, dict] = {}
-        for entity_id, pattern, type_iri in sub.selectors:
+        for entity_id, pattern, types in sub.selectors:
             result = await self.broker.query(sub.tenant, ids=[entity_id] if entity_id else None,
-                                             id_pattern=pattern.pattern if pattern else None,
-                                             types=TypeSelection(lambda types, t=type_iri: t in types, [type_iri]),
+                                             id_pattern=pattern.pattern if pattern else None, types=types,
                                              q=sub.q, geo=sub.geo, limit=10_000)
             for doc in result.entities:
                 matched.setdefault(doc["id"], doc)

@@ -195,6 +195,20 @@ def test_create_with_entity_selector_without_type_is_bad_request_data(api, selec
     assert_problem(api.post_json("/subscriptions", subscription(entities=[selector])), 400, "BadRequestData")
 
 
+@pytest.mark.parametrize("selection", ["(Vehicle|Bus)", "Vehicle,Bus", "Vehicle;Bus"])
+def test_create_with_entity_type_selection_keeps_it(api, user_context, selection):
+    """5.2.33 / 4.17: an entity selector's type may be a type selection; its names are expanded and compacted back."""
+    sub_id = create(api, subscription(entities=[{"type": selection}]), headers=link(user_context))
+    assert get(api, sub_id, headers=link(user_context))["entities"] == [{"type": selection}]
+    assert get(api, sub_id)["entities"] == [{"type": selection.replace("Vehicle", EX + "Vehicle")}]
+
+
+@pytest.mark.parametrize("selection", ["(Vehicle|Bus", "Vehicle||Bus", "Vehicle;"])
+def test_create_with_invalid_entity_type_selection_is_bad_request_data(api, selection):
+    """4.17: a malformed type selection -> BadRequestData."""
+    assert_problem(api.post_json("/subscriptions", subscription(entities=[{"type": selection}])), 400, "BadRequestData")
+
+
 def test_create_with_entity_selector_with_invalid_id_is_bad_request_data(api):
     """5.2.33: the EntitySelector id is a URI."""
     body = subscription(entities=[{"type": "Vehicle", "id": "not a uri"}])

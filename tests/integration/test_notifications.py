@@ -318,6 +318,22 @@ def test_entity_selectors_by_id_pattern_and_type(api, receiver):
         assert {i["id"] for i in data(found[-1])} == ids  # the batch: one notification with all its entities
 
 
+def test_entity_type_selection_in_selectors(api, receiver):
+    """5.2.33 / 4.17: an entity selector's type is a type selection: (A|B) and A,B mean either, A;B both."""
+    paths = {}
+    for name, selection in (("bar", "(Building|Tower)"), ("comma", "Building,Tower"), ("and", "Building;Tower")):
+        paths[name], uri = receiver.endpoint()
+        subscribe(api, uri, entities=[{"type": selection}], notificationTrigger=["entityCreated"])
+    create(api, entity("urn:ngsi-ld:Hall:1", "Hall", temperature=1))
+    create(api, entity("urn:ngsi-ld:Building:1", "Building", temperature=1))
+    create(api, entity("urn:ngsi-ld:Tower:1", "Tower", temperature=1))
+    create(api, {**entity("urn:ngsi-ld:BT:1", temperature=1), "type": ["Building", "Tower"]})
+    both = ["urn:ngsi-ld:Building:1", "urn:ngsi-ld:Tower:1", "urn:ngsi-ld:BT:1"]
+    for name in ("bar", "comma"):
+        assert [data(r)[0]["id"] for r in receiver.wait(paths[name], 3)] == both, name
+    assert [data(r)[0]["id"] for r in receiver.wait(paths["and"], 1)] == ["urn:ngsi-ld:BT:1"]
+
+
 # --------------------------------------------------------------------------------------------- payload
 
 def test_notification_attributes_and_formats(api, receiver):
