@@ -12,7 +12,7 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
@@ -20,6 +20,7 @@ from ..context.geo import GeoQuery, parse_geoq
 from ..context.jsonld import CORE_CONTEXT_URL, TermMap, is_core_context_url
 from ..context.model import NULL_URI, VALUE_MEMBER, Renderer
 from ..context.query import Query, parse_q
+from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import TypeSelection, parse_type_selection
 from ..store.base import OutboxRow
 from .model import parse_time
@@ -48,6 +49,7 @@ class Compiled:
     triggers: frozenset[str] = frozenset()
     q: Query | None = None
     geo: GeoQuery | None = None
+    scope: Callable[[dict], bool] | None = None  # scopeQ (4.19)
     expires: float | None = None
     last_notified: float = float("-inf")  # time.monotonic() of the last notification, for throttling
 
@@ -77,8 +79,10 @@ class Compiled:
         return False
 
     def filters(self, doc: dict) -> bool:
-        """True if q and geoQ hold on the entity."""
+        """True if q, geoQ and scopeQ hold on the entity."""
         if self.q is not None and not self.q.matches(doc):
+            return False
+        if self.scope is not None and not self.scope(doc):
             return False
         if self.geo is not None:
             instances = doc["attrs"].get(self.geo.geoproperty) or ()
@@ -132,6 +136,8 @@ def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: Term
     if "geoQ" in doc:
         geo = doc["geoQ"]
         compiled.geo = parse_geoq(geo["georel"], geo["geometry"], geo["coordinates"], geo.get("geoproperty"), terms.expand)
+    if "scopeQ" in doc:
+        compiled.scope = parse_scopeq(doc["scopeQ"])
     if "expiresAt" in doc:
         compiled.expires = parse_time(doc["expiresAt"]).timestamp()
     return compiled

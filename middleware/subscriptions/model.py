@@ -17,6 +17,7 @@ from ..context.geo import parse_geoq
 from ..context.jsonld import TermMap
 from ..context.model import NULL_URI, check_datetime, check_name, check_uri
 from ..context.query import parse_q
+from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection, rename_type_names
 
 TRIGGERS = ("entityCreated", "entityUpdated", "entityDeleted", "attributeCreated", "attributeUpdated", "attributeDeleted")
@@ -111,6 +112,8 @@ def validate_subscription(body: Any, terms: TermMap, context: Any, *, now: str, 
             if not isinstance(body[key], str):
                 raise BadRequestData(f"{key} must be a string")
             out[key] = body[key]
+    if "scopeQ" in out:
+        parse_scopeq(out["scopeQ"])  # 4.19, as the query API parses it
     if "entities" in body:
         selectors = body["entities"]
         if not isinstance(selectors, list) or not selectors:

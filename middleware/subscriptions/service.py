@@ -213,7 +213,7 @@ class SubscriptionService:
         for entity_id, pattern, types in sub.selectors:
             result = await self.broker.query(sub.tenant, ids=[entity_id] if entity_id else None,
                                              id_pattern=pattern.pattern if pattern else None, types=types,
-                                             q=sub.q, geo=sub.geo, limit=10_000)
+                                             q=sub.q, geo=sub.geo, scope=sub.scope, limit=10_000)
             for doc in result.entities:
                 matched.setdefault(doc["id"], doc)
         if not matched:

@@ -258,6 +258,17 @@ def test_create_with_invalid_geoq_is_bad_request_data(api, geo):
     assert_problem(api.post_json("/subscriptions", subscription(geoQ=geo)), 400, "BadRequestData")
 
 
+@pytest.mark.parametrize("scope_q", ["((", "Madrid", "/Madrid/#/x", ""])
+def test_create_with_invalid_scope_q_is_bad_request_data(api, scope_q):
+    """5.2.12 / 4.19: scopeQ is a scope query; a malformed one -> BadRequestData, as in the query API."""
+    assert_problem(api.post_json("/subscriptions", subscription(scopeQ=scope_q)), 400, "BadRequestData")
+
+
+def test_create_with_valid_scope_q_keeps_it(api):
+    """5.2.12: a valid scopeQ is accepted and returned."""
+    assert get(api, create(api, subscription(scopeQ="/Madrid/#,/Spain")))["scopeQ"] == "/Madrid/#,/Spain"
+
+
 def test_create_with_valid_geoq_and_q_is_accepted(api):
     """5.2.12 / 5.2.13: a valid q and geoQ are kept; geoproperty is optional."""
     geo = {"georel": "near;maxDistance==2000", "geometry": "Point", "coordinates": [129.0756, 35.1796]}

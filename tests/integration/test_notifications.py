@@ -334,6 +334,18 @@ def test_entity_type_selection_in_selectors(api, receiver):
     assert [data(r)[0]["id"] for r in receiver.wait(paths["and"], 1)] == ["urn:ngsi-ld:BT:1"]
 
 
+def test_scope_q_filters_notifications_and_periodic_ones(api, receiver):
+    """5.2.12 scopeQ (4.19): only entities in scope are notified, on change and periodically."""
+    path, uri = receiver.endpoint()
+    subscribe(api, uri, entities=[{"type": "Shop"}], scopeQ="/Madrid/#", notificationTrigger=["entityCreated"])
+    create(api, {**entity("urn:ngsi-ld:Shop:berlin", "Shop", temperature=1), "scope": "/Berlin"})
+    create(api, {**entity("urn:ngsi-ld:Shop:madrid", "Shop", temperature=1), "scope": "/Madrid/Centro"})
+    assert [data(r)[0]["id"] for r in receiver.wait(path, 1)] == ["urn:ngsi-ld:Shop:madrid"]
+    periodic_path, periodic_uri = receiver.endpoint()
+    subscribe(api, periodic_uri, entities=[{"type": "Shop"}], scopeQ="/Madrid/#", timeInterval=1)
+    assert [i["id"] for i in data(receiver.wait(periodic_path, 1)[0])] == ["urn:ngsi-ld:Shop:madrid"]
+
+
 # --------------------------------------------------------------------------------------------- payload
 
 def test_notification_attributes_and_formats(api, receiver):
