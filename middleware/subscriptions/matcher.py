@@ -271,13 +271,14 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
     """One entity of a notification in the subscription's format, with deletions and showChanges (5.8.6)."""
     params = sub.doc["notification"]
     fmt = params["format"]
+    show_changes, sys_attrs = params.get("showChanges", False), params.get("sysAttrs", False)
     attrs = set(params["attributes"]) if "attributes" in params else None
-    renderer = Renderer(sub.out_terms, fmt=fmt, sys_attrs=params["sysAttrs"], lang=sub.doc.get("lang"), attrs=attrs)
+    renderer = Renderer(sub.out_terms, fmt=fmt, sys_attrs=sys_attrs, lang=sub.doc.get("lang"), attrs=attrs)
     compact = sub.out_terms.compact
     if new is None:
         types = [compact(t) for t in old["type"]]
         out: dict[str, Any] = {"id": old["id"], "type": types[0] if len(types) == 1 else types, "deletedAt": now}
-        if params["sysAttrs"]:
+        if sys_attrs:
             out["createdAt"], out["modifiedAt"] = old["createdAt"], old["modifiedAt"]
         return out
     out = renderer.entity(new)
@@ -285,8 +286,8 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
         for name in deleted:
             if attrs is not None and name not in attrs:
                 continue
-            out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, params["showChanges"], params["sysAttrs"], now)
-        if params["showChanges"]:
+            out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, show_changes, sys_attrs, now)
+        if show_changes:
             for name, instances in new["attrs"].items():
                 previous = {i.get("datasetId"): i for i in old["attrs"].get(name, ())}
                 key = compact(name)

@@ -149,10 +149,10 @@ def validate_subscription(body: Any, terms: TermMap, context: Any, *, now: str, 
                 raise BadRequestData(f"geoQ needs {key} (5.2.13)")
         parse_geoq(geo["georel"], geo["geometry"], geo["coordinates"], geo.get("geoproperty"), terms.expand)
         out["geoQ"] = {k: geo[k] for k in ("geometry", "coordinates", "georel", "geoproperty") if k in geo}
-    if "isActive" in body:
+    if "isActive" in body:  # stored only when given (GET returns what the client sent); the default true applies
         if not isinstance(body["isActive"], bool):
             raise BadRequestData("isActive must be true or false")
-    out["isActive"] = body.get("isActive", True)
+        out["isActive"] = body["isActive"]
     if "expiresAt" in body:
         check_datetime(body["expiresAt"], "expiresAt")
         if parse_time(body["expiresAt"]) <= datetime.now(timezone.utc):
@@ -204,12 +204,12 @@ def _notification(params: Any, terms: TermMap) -> dict:
     if fmt not in FORMATS:
         raise BadRequestData(f"notification.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out["format"] = "keyValues" if fmt == "simplified" else fmt
-    for key in ("showChanges", "sysAttrs"):
-        value = params.get(key, False)
-        if not isinstance(value, bool):
-            raise BadRequestData(f"notification.{key} must be true or false")
-        out[key] = value
-    if out["showChanges"] and out["format"] == "keyValues":
+    for key in ("showChanges", "sysAttrs"):  # stored only when given; both default to false
+        if key in params:
+            if not isinstance(params[key], bool):
+                raise BadRequestData(f"notification.{key} must be true or false")
+            out[key] = params[key]
+    if out.get("showChanges") and out["format"] == "keyValues":
         raise BadRequestData("notification.showChanges cannot be true with the keyValues format (5.2.14)")
     out["endpoint"] = validate_endpoint(params["endpoint"])
     return out

@@ -388,11 +388,13 @@ def test_create_with_reachable_jsonld_context_keeps_it(api, user_context):
 
 
 def test_retrieve_applies_defaults(api):
-    """5.2.12 / 5.2.14 / 5.2.15: isActive true, notificationTrigger attributeCreated+attributeUpdated, format
-    normalized, accept application/json; status active."""
+    """5.2.12 / 5.2.14 / 5.2.15: notificationTrigger attributeCreated+attributeUpdated, format normalized, accept
+    application/json; status active. The defaults of isActive, showChanges and sysAttrs apply but are not echoed:
+    GET returns the members the client gave plus the read-only ones (as the ETSI test suite compares them)."""
     body = get(api, create(api, subscription()))
     assert body["type"] == "Subscription"
-    assert body["isActive"] is True
+    assert "isActive" not in body
+    assert "showChanges" not in body["notification"] and "sysAttrs" not in body["notification"]
     assert body["status"] == "active"
     assert sorted(body["notificationTrigger"]) == ["attributeCreated", "attributeUpdated"]
     assert body["notification"]["format"] == "normalized"
@@ -420,6 +422,15 @@ def test_retrieve_returns_what_was_created(api):
     assert notification["format"] == "concise"
     assert notification["sysAttrs"] is True
     assert notification["endpoint"] == {"uri": ENDPOINT, "accept": "application/ld+json", "timeout": 500}
+
+
+def test_retrieve_echoes_defaulted_members_the_client_gave(api):
+    """5.8.3: isActive, showChanges and sysAttrs are returned when the client sent them, even at their defaults."""
+    sub_id = create(api, subscription(isActive=True, notification={"showChanges": False, "sysAttrs": False,
+                                                                   "endpoint": {"uri": ENDPOINT}}))
+    body = get(api, sub_id)
+    assert body["isActive"] is True
+    assert body["notification"]["showChanges"] is False and body["notification"]["sysAttrs"] is False
 
 
 def test_retrieve_created_paused_subscription_has_status_paused(api):
