@@ -256,8 +256,11 @@ def trigger_of(sub: Compiled, old: dict | None, new: dict | None,
         if "entityCreated" in triggers:
             return "entityCreated"
         return "attributeCreated" if created and "attributeCreated" in triggers else None
-    if new is None:
-        return "entityDeleted" if "entityDeleted" in triggers else None
+    if new is None:  # the entity's attributes go with it: attributeDeleted if asked for by name, not via entityUpdated
+        if "entityDeleted" in triggers:
+            return "entityDeleted"
+        asked = "attributeDeleted" in sub.doc.get("notificationTrigger", ())
+        return "attributeDeleted" if deleted and asked else None
     if created and "attributeCreated" in triggers:
         return "attributeCreated"
     if updated and "attributeUpdated" in triggers:
@@ -267,8 +270,12 @@ def trigger_of(sub: Compiled, old: dict | None, new: dict | None,
     return None
 
 
-def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[str], now: str) -> dict:
-    """One entity of a notification in the subscription's format, with deletions and showChanges (5.8.6)."""
+def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[str], now: str,
+               trigger: str | None = None) -> dict:
+    """One entity of a notification in the subscription's format, with deletions and showChanges (5.8.6).
+
+    A deleted entity is {id, type, deletedAt}; with showChanges its attributes follow as deleted ones with their
+    previous values, and for attributeDeleted its watched attributes do."""
     params = sub.doc["notification"]
     fmt = params["format"]
     show_changes, sys_attrs = params.get("showChanges", False), params.get("sysAttrs", False)
@@ -280,6 +287,13 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
         out: dict[str, Any] = {"id": old["id"], "type": types[0] if len(types) == 1 else types, "deletedAt": now}
         if sys_attrs:
             out["createdAt"], out["modifiedAt"] = old["createdAt"], old["modifiedAt"]
+        if show_changes or trigger == "attributeDeleted":
+            for name in old["attrs"]:
+                if attrs is not None and name not in attrs:
+                    continue
+                if trigger == "attributeDeleted" and sub.watched is not None and name not in sub.watched:
+                    continue
+                out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, show_changes, sys_attrs, now)
         return out
     out = renderer.entity(new)
     if old is not None:
@@ -382,7 +396,8 @@ class Planner:
                 watched = [sub.watched for sub in subs]
                 changes = attribute_changes(old, new, None if None in watched else frozenset().union(*watched))
             for sub in subs:
-                if trigger_of(sub, old, new, changes) is None or not sub.filters(doc):
+                trigger = trigger_of(sub, old, new, changes)
+                if trigger is None or not sub.filters(doc):
                     continue
                 throttling = sub.doc.get("throttling")
                 entry = per_sub.get(id(sub))
@@ -390,7 +405,7 @@ class Planner:
                     if throttling and clock - sub.last_notified < throttling:
                         continue  # throttled: this notification is not sent (5.8.6)
                     entry = per_sub[id(sub)] = (sub, [])
-                entry[1].append(render_for(sub, old, new, changes[2], now))
+                entry[1].append(render_for(sub, old, new, changes[2], now, trigger))
         rows = []
         for sub, entities in per_sub.values():
             sub.last_notified = clock

@@ -236,7 +236,11 @@ def test_every_trigger_and_the_default(api, receiver):
     assert "humidity" in seen["attributeCreated"][1]
     assert [temp(i) for i in seen["attributeUpdated"]] == [21]
     assert [temp(i) for i in seen[None]] == [20, 21, 21]
-    assert [i["humidity"] for i in seen["attributeDeleted"]] == [{"type": "Property", "value": NULL}]
+    # attributeDeleted: the attribute deleted, then the entity's deletion, which deletes its remaining attribute
+    removed, entity_gone = seen["attributeDeleted"]
+    assert removed["humidity"] == {"type": "Property", "value": NULL}
+    assert set(entity_gone) == {"id", "type", "deletedAt", "temperature"}
+    assert entity_gone["temperature"] == {"type": "Property", "value": NULL}
     # entityUpdated is attributeCreated + attributeUpdated + attributeDeleted (5.2.12), so creation counts too
     assert [temp(i) for i in seen["entityUpdated"]] == [20, 21, 21, 21] and seen["entityUpdated"][3]["humidity"]["value"] == NULL
     (deleted,) = seen["entityDeleted"]
@@ -262,6 +266,31 @@ def test_deleted_attributes_are_typed_in_normalized_and_bare_in_key_values(api, 
     assert [item[name] for item, name in zip(shown["keyValues"], ("temperature", "owner", "label"))] == [
         NULL, NULL, {"@none": NULL}]
     assert [item[name] for item, name in zip(shown["concise"], ("temperature", "owner", "label"))] == [NULL] * 3
+
+
+def test_entity_deletion_deletes_its_attributes(api, receiver):
+    """Deleting an entity deletes its attributes: attributeDeleted fires for a watched one (shown as deleted), and
+    entityDeleted with showChanges lists every attribute with its previous value; plain entityDeleted stays bare."""
+    watched_path, watched_uri = receiver.endpoint()
+    subscribe(api, watched_uri, watchedAttributes=["temperature"], notificationTrigger=["attributeDeleted"])
+    changes_path, changes_uri = receiver.endpoint()
+    subscribe(api, changes_uri, notificationTrigger=["entityDeleted"], notification={"showChanges": True})
+    plain_path, plain_uri = receiver.endpoint()
+    subscribe(api, plain_uri, notificationTrigger=["entityDeleted"])
+    e = "urn:ngsi-ld:Sensor:gone"
+    create(api, {**entity(e, temperature=1, humidity=2), "owner": {"type": "Relationship", "object": "urn:ngsi-ld:P:1"}})
+    ok(api.delete(f"/entities/{e}"))
+    (watched,) = receiver.wait(watched_path, 1)
+    assert set(data(watched)[0]) == {"id", "type", "deletedAt", "temperature"}
+    assert data(watched)[0]["temperature"] == {"type": "Property", "value": NULL}
+    (changes,) = receiver.wait(changes_path, 1)
+    item = data(changes)[0]
+    assert item["id"] == e and item["type"] == "Sensor" and "deletedAt" in item
+    assert item["temperature"] == {"type": "Property", "value": NULL, "previousValue": 1}
+    assert item["humidity"] == {"type": "Property", "value": NULL, "previousValue": 2}
+    assert item["owner"] == {"type": "Relationship", "object": NULL, "previousObject": "urn:ngsi-ld:P:1"}
+    (plain,) = receiver.wait(plain_path, 1)
+    assert set(data(plain)[0]) == {"id", "type", "deletedAt"}
 
 
 def test_watched_attributes(api, receiver):
