@@ -40,7 +40,7 @@ class Compiled:
     tenant: str
     id: str
     doc: dict
-    terms: TermMap                 # expands the subscription's own names (its creation @context)
+    terms: TermMap                 # expands its q and geoQ (the @context they were written with)
     out_terms: TermMap             # compacts its notifications (jsonldContext, else the creation @context)
     context_url: str               # for the Link header / metadata of application/json notifications
     context_value: Any             # for the @context of application/ld+json notifications

@@ -2,7 +2,8 @@
 
 Stored form: the members of 5.2.12 with attribute names and entity types expanded, plus "@context" (the
 @context the subscription was made with, used to expand its q and to compact its notifications when no
-jsonldContext is given), createdAt and modifiedAt. Read-only members sent by clients are ignored (5.2.12).
+jsonldContext is given), "@queryContext" (only after a PATCH that set q or geoQ: the @context of that request,
+which then expands them), createdAt and modifiedAt. Read-only members sent by clients are ignored (5.2.12).
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ _KNOWN = frozenset({"id", "type", "subscriptionName", "description", "entities",
                     "notificationTrigger", "timeInterval", "throttling", "q", "geoQ", "scopeQ", "csf", "isActive",
                     "expiresAt", "notification", "jsonldContext", "lang", "localOnly", "temporalQ", "datasetId",
                     "@context"}) | READ_ONLY
+
+
+QUERY_CONTEXT = "@queryContext"  # the @context q and geoQ were written with, when not the creation one
 
 
 def new_subscription_id() -> str:
@@ -223,7 +227,7 @@ def merge_fragment(stored: dict, fragment: Any) -> dict:
         raise BadRequestData("the subscription id cannot be changed")
     if "type" in fragment and fragment["type"] != "Subscription":
         raise BadRequestData('a subscription fragment\'s type must be "Subscription"')
-    merged = {k: v for k, v in stored.items() if k not in ("@context", "modifiedAt")}
+    merged = {k: v for k, v in stored.items() if k not in ("@context", QUERY_CONTEXT, "modifiedAt")}
     for key, value in fragment.items():
         if key in READ_ONLY or key == "@context":
             continue
@@ -237,7 +241,7 @@ def merge_fragment(stored: dict, fragment: Any) -> dict:
 def to_body(stored: dict, terms: TermMap) -> dict:
     """The stored form back as a request-like body with names compacted by terms (for patches and rendering)."""
     compact = terms.compact
-    body = {k: v for k, v in stored.items() if k not in ("@context",)}
+    body = {k: v for k, v in stored.items() if k not in ("@context", QUERY_CONTEXT)}
     if "entities" in stored:
         body["entities"] = [dict(s, type=rename_type_names(s["type"], compact)) for s in stored["entities"]]
     if "watchedAttributes" in stored:

@@ -5,6 +5,7 @@ import asyncio
 import collections
 import logging
 import time
+from typing import Any
 
 from ..context.broker import Broker
 from ..context.errors import AlreadyExists, LdContextNotAvailable, ResourceNotFound
@@ -14,7 +15,7 @@ from ..store.base import OutboxRow, Store, SubscriptionRecord
 from .delivery import Dispatcher
 from .matcher import (Compiled, Planner, SubscriptionIndex, compile_subscription, notification_context,
                       notification_payload, render_for)
-from .model import merge_fragment, validate_subscription
+from .model import QUERY_CONTEXT, merge_fragment, validate_subscription
 
 log = logging.getLogger("citybridge.subscriptions")
 
@@ -67,7 +68,7 @@ class SubscriptionService:
 
     async def compile(self, tenant: str, doc: dict) -> Compiled:
         """Compile a stored subscription with its @context (and jsonldContext) resolved."""
-        terms = await self.contexts.resolve(doc.get("@context"))
+        terms = await self.contexts.resolve(doc.get(QUERY_CONTEXT, doc.get("@context")))
         context, unlinkable = notification_context(doc)
         out_terms = await self.contexts.resolve(None if unlinkable else context)
         return compile_subscription(tenant, doc, terms, out_terms)
@@ -148,8 +149,9 @@ class SubscriptionService:
             raise ResourceNotFound(f"subscription {sub_id} not found")
         return record
 
-    async def update(self, tenant: str, sub_id: str, fragment: dict, terms) -> None:
-        """Merge a fragment into a subscription (5.8.2) and re-index it."""
+    async def update(self, tenant: str, sub_id: str, fragment: dict, terms, context: Any = None) -> None:
+        """Merge a fragment into a subscription (5.8.2) and re-index it; a q or geoQ given is expanded with the
+        request's @context (context), like every other name of the fragment."""
         record = await self.get(tenant, sub_id)
         merged = merge_fragment(record.doc, fragment)
         if "expiresAt" not in fragment:
@@ -160,6 +162,9 @@ class SubscriptionService:
         else:
             doc = validate_subscription(merged, terms, record.doc.get("@context"), now=now_iso(), sub_id=sub_id)
         doc["createdAt"] = record.doc["createdAt"]
+        written = context if "q" in fragment or "geoQ" in fragment else record.doc.get(QUERY_CONTEXT, doc["@context"])
+        if written != doc["@context"]:
+            doc[QUERY_CONTEXT] = written
         compiled = await self._compile_checked(tenant, doc)
         if not await self.store.put_subscription(tenant, sub_id, doc, create=False):
             raise ResourceNotFound(f"subscription {sub_id} not found")

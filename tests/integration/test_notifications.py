@@ -490,6 +490,20 @@ def test_json_notification_links_the_context_it_was_compacted_with(api, receiver
                                 ns + "temperature": {"type": "Property", "value": 7}}], name
 
 
+def test_patched_q_is_expanded_with_the_patch_context(api, receiver, context_server):
+    """5.8.2: names in an update are expanded with the update's @context, q included (not the creation one)."""
+    ns = "https://example.org/pq#"
+    ctx_url = context_server.publish(f"/ctx/{uuid.uuid4().hex}.jsonld", {"aql": ns + "airQualityLevel"})
+    path, uri = receiver.endpoint()
+    sub_id = subscribe(api, uri, entities=[{"type": "Building"}])  # the core context
+    ok(api.send_json("PATCH", f"/subscriptions/{sub_id}", {"q": "aql>3"}, headers=link(ctx_url)), 204)
+    assert api.get(f"/subscriptions/{sub_id}", headers=link(ctx_url)).json()["q"] == "aql>3"
+    e = "urn:ngsi-ld:Building:pq"
+    create(api, {"id": e, "type": "Building", ns + "airQualityLevel": {"type": "Property", "value": 1}})
+    ok(api.send_json("PATCH", f"/entities/{e}/attrs", {ns + "airQualityLevel": {"type": "Property", "value": 9}}), 204)
+    assert values(receiver.wait(path, 1), ns + "airQualityLevel") == [9]
+
+
 def test_receiver_info_headers_and_tenant(api, receiver):
     """receiverInfo pairs become HTTP headers; the tenant is sent as NGSILD-Tenant."""
     path, uri = receiver.endpoint()
