@@ -50,6 +50,7 @@ class Compiled:
     q: Query | None = None
     geo: GeoQuery | None = None
     scope: Callable[[dict], bool] | None = None  # scopeQ (4.19)
+    datasets: frozenset[str] | None = None  # datasetId (4.5.5); "@none" is the default instance
     expires: float | None = None
     last_notified: float = float("-inf")  # time.monotonic() of the last notification, for throttling
 
@@ -77,6 +78,17 @@ class Compiled:
             elif pattern is None or pattern.search(doc["id"]):
                 return True
         return False
+
+    def in_datasets(self, doc: dict | None) -> dict | None:
+        """The entity with only the attribute instances of the subscription's datasetId (as it is without one)."""
+        if self.datasets is None or doc is None:
+            return doc
+        attrs = {}
+        for name, instances in doc["attrs"].items():
+            kept = [inst for inst in instances if inst.get("datasetId", "@none") in self.datasets]
+            if kept:
+                attrs[name] = kept
+        return dict(doc, attrs=attrs)
 
     def filters(self, doc: dict) -> bool:
         """True if q, geoQ and scopeQ hold on the entity."""
@@ -138,6 +150,8 @@ def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: Term
         compiled.geo = parse_geoq(geo["georel"], geo["geometry"], geo["coordinates"], geo.get("geoproperty"), terms.expand)
     if "scopeQ" in doc:
         compiled.scope = parse_scopeq(doc["scopeQ"])
+    if "datasetId" in doc:
+        compiled.datasets = frozenset(doc["datasetId"])
     if "expiresAt" in doc:
         compiled.expires = parse_time(doc["expiresAt"]).timestamp()
     return compiled
@@ -280,7 +294,13 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
     fmt = params["format"]
     show_changes, sys_attrs = params.get("showChanges", False), params.get("sysAttrs", False)
     attrs = set(params["attributes"]) if "attributes" in params else None
-    renderer = Renderer(sub.out_terms, fmt=fmt, sys_attrs=sys_attrs, lang=sub.doc.get("lang"), attrs=attrs)
+    pick_members = None
+    if "pick" in params:  # (4.21) as the entity API's pick: entity members, and the attributes picked
+        pick_members = {name for name in params["pick"] if name in ("id", "type", "scope")}
+        attrs = {name for name in params["pick"] if name not in pick_members}
+    omit = set(params.get("omit", ()))
+    renderer = Renderer(sub.out_terms, fmt=fmt, sys_attrs=sys_attrs, lang=sub.doc.get("lang"), attrs=attrs,
+                        omit=omit, pick_members=pick_members)
     compact = sub.out_terms.compact
     if new is None:
         types = [compact(t) for t in old["type"]]
@@ -289,7 +309,7 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
             out["createdAt"], out["modifiedAt"] = old["createdAt"], old["modifiedAt"]
         if show_changes or trigger == "attributeDeleted":
             for name in old["attrs"]:
-                if attrs is not None and name not in attrs:
+                if attrs is not None and name not in attrs or name in omit:
                     continue
                 if trigger == "attributeDeleted" and sub.watched is not None and name not in sub.watched:
                     continue
@@ -298,7 +318,7 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
     out = renderer.entity(new)
     if old is not None:
         for name in deleted:
-            if attrs is not None and name not in attrs:
+            if attrs is not None and name not in attrs or name in omit:
                 continue
             out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, show_changes, sys_attrs, now)
         if show_changes:
@@ -396,7 +416,11 @@ class Planner:
                 watched = [sub.watched for sub in subs]
                 changes = attribute_changes(old, new, None if None in watched else frozenset().union(*watched))
             for sub in subs:
-                trigger = trigger_of(sub, old, new, changes)
+                sub_old, sub_new, sub_changes = old, new, changes
+                if sub.datasets is not None:  # only the instances of its datasetId count, and are shown
+                    sub_old, sub_new = sub.in_datasets(old), sub.in_datasets(new)
+                    sub_changes = attribute_changes(sub_old, sub_new)
+                trigger = trigger_of(sub, sub_old, sub_new, sub_changes)
                 if trigger is None or not sub.filters(doc):
                     continue
                 throttling = sub.doc.get("throttling")
@@ -405,7 +429,7 @@ class Planner:
                     if throttling and clock - sub.last_notified < throttling:
                         continue  # throttled: this notification is not sent (5.8.6)
                     entry = per_sub[id(sub)] = (sub, [])
-                entry[1].append(render_for(sub, old, new, changes[2], now, trigger))
+                entry[1].append(render_for(sub, sub_old, sub_new, sub_changes[2], now, trigger))
         rows = []
         for sub, entities in per_sub.values():
             sub.last_notified = clock

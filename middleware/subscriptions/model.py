@@ -13,7 +13,7 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..context.errors import BadRequestData
+from ..context.errors import BadRequestData, OperationNotSupported
 from ..context.geo import parse_geoq
 from ..context.jsonld import TermMap
 from ..context.model import NULL_URI, check_datetime, check_name, check_uri
@@ -166,6 +166,8 @@ def validate_subscription(body: Any, terms: TermMap, context: Any, *, now: str, 
         out["jsonldContext"] = check_uri(body["jsonldContext"], "jsonldContext")
     if "localOnly" in body:
         out["localOnly"] = bool(body["localOnly"])
+    if "datasetId" in body:
+        out["datasetId"] = _dataset_ids(body["datasetId"])
     out["notification"] = _notification(body.get("notification"), terms)
     out["@context"] = context
     out["createdAt"] = body.get("createdAt", now) if sub_id else now
@@ -196,6 +198,31 @@ def _selector(selector: Any, terms: TermMap) -> dict:
     return out
 
 
+def _dataset_ids(value: Any) -> list[str]:
+    """datasetId (4.5.5): an array of URIs, "@none" naming the default instance (a single string is one item)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise BadRequestData("datasetId must be a URI or a non-empty array of URIs (\"@none\": the default instance)")
+    return [item if item == "@none" else check_uri(item, "datasetId") for item in items]
+
+
+_ENTITY_MEMBERS = ("id", "type", "scope")  # members pick/omit may name besides attributes (4.21)
+
+
+def _projection(value: Any, what: str, terms: TermMap) -> list[str]:
+    """notification.pick / omit: entity members and attribute names (expanded); nested projections are refused."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
+        raise BadRequestData(f"{what} must be a non-empty array of names")
+    out = []
+    for item in (i.strip() for i in items):
+        if any(c in item for c in "{}|;"):
+            raise OperationNotSupported(f"{what}: only plain attribute names (and id, type, scope) are supported, "
+                                        f"not the projection {item!r}")
+        out.append(item if item in _ENTITY_MEMBERS else terms.expand(check_name(item, what)))
+    return out
+
+
 def _notification(params: Any, terms: TermMap) -> dict:
     if not isinstance(params, dict):
         raise BadRequestData("a subscription needs a notification object with an endpoint")
@@ -204,6 +231,17 @@ def _notification(params: Any, terms: TermMap) -> dict:
     out: dict[str, Any] = {}
     if "attributes" in params:
         out["attributes"] = _names(params["attributes"], "notification.attributes", terms)
+    for key in ("pick", "omit"):
+        if key in params:
+            if "attributes" in params:
+                raise BadRequestData(f"notification.{key} excludes notification.attributes (4.21)")
+            out[key] = _projection(params[key], f"notification.{key}", terms)
+    if set(out.get("pick", ())) & set(out.get("omit", ())):
+        raise BadRequestData("notification.pick and notification.omit name the same member(s): "
+                             + ", ".join(sorted(set(out["pick"]) & set(out["omit"]))))
+    for key in ("join", "joinLevel"):
+        if key in params:
+            raise OperationNotSupported(f"notification.{key} (linked entity retrieval, 4.5.23) is not supported")
     fmt = params.get("format", "normalized")
     if fmt not in FORMATS:
         raise BadRequestData(f"notification.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
@@ -249,6 +287,9 @@ def to_body(stored: dict, terms: TermMap) -> dict:
     notification = dict(stored["notification"])
     if "attributes" in notification:
         notification["attributes"] = [compact(a) for a in notification["attributes"]]
+    for key in ("pick", "omit"):
+        if key in notification:
+            notification[key] = [a if a in _ENTITY_MEMBERS else compact(a) for a in notification[key]]
     body["notification"] = notification
     return body
 

@@ -224,6 +224,6 @@ class SubscriptionService:
         if not matched:
             return  # no matching entities: no notification (5.8.6)
         now = now_iso()
-        entities = [render_for(sub, None, doc, set(), now) for doc in matched.values()]
+        entities = [render_for(sub, None, sub.in_datasets(doc), set(), now) for doc in matched.values()]
         await self.store.add_outbox(sub.tenant, [OutboxRow(sub.id, notification_payload(sub, entities, now))])
         self.dispatcher.wake(sub.tenant, sub.id)

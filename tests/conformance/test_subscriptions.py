@@ -433,6 +433,42 @@ def test_retrieve_echoes_defaulted_members_the_client_gave(api):
     assert body["notification"]["showChanges"] is False and body["notification"]["sysAttrs"] is False
 
 
+def test_create_with_dataset_id_keeps_it(api):
+    """5.2.12 datasetId (4.5.5): stored and returned."""
+    datasets = ["urn:ngsi-ld:Dataset:french-name", "@none"]
+    assert get(api, create(api, subscription(datasetId=datasets)))["datasetId"] == datasets
+
+
+@pytest.mark.parametrize("datasets", [[], ["not a uri"], [1], {"a": 1}])
+def test_create_with_invalid_dataset_id_is_bad_request_data(api, datasets):
+    """5.2.12 datasetId: an array of URIs -> anything else is BadRequestData."""
+    assert_problem(api.post_json("/subscriptions", subscription(datasetId=datasets)), 400, "BadRequestData")
+
+
+def test_create_with_pick_or_omit_keeps_them(api, user_context):
+    """5.2.14 pick / omit (4.21): stored and returned, compacted with the request @context."""
+    body = subscription(notification={"pick": ["id", "speed"], "omit": ["brand"], "endpoint": {"uri": ENDPOINT}})
+    notification = get(api, create(api, body, headers=link(user_context)), headers=link(user_context))["notification"]
+    assert notification["pick"] == ["id", "speed"] and notification["omit"] == ["brand"]
+
+
+@pytest.mark.parametrize("members", [{"pick": ["speed"], "omit": ["speed"]}, {"pick": ["speed"], "attributes": ["speed"]},
+                                     {"omit": ["brand"], "attributes": ["speed"]}, {"pick": []}, {"omit": [1]}],
+                         ids=["same-member", "pick-attributes", "omit-attributes", "empty", "not-a-name"])
+def test_create_with_conflicting_or_invalid_pick_omit_is_bad_request_data(api, members):
+    """5.2.14 / 4.21: pick and omit exclude attributes, and no member may be both picked and omitted."""
+    body = subscription(notification={**members, "endpoint": {"uri": ENDPOINT}})
+    assert_problem(api.post_json("/subscriptions", body), 400, "BadRequestData")
+
+
+@pytest.mark.parametrize("members", [{"join": "flat"}, {"joinLevel": 2}, {"pick": ["speed{unit}"]}],
+                         ids=["join", "joinLevel", "nested-pick"])
+def test_create_with_unsupported_notification_members_is_operation_not_supported(api, members):
+    """4.5.23 join / joinLevel and nested projections are not supported: refused (6.3.2), not silently dropped."""
+    body = subscription(notification={**members, "endpoint": {"uri": ENDPOINT}})
+    assert_problem(api.post_json("/subscriptions", body), 422, "OperationNotSupported")
+
+
 def test_retrieve_created_paused_subscription_has_status_paused(api):
     """5.2.12 table 5.2.12-2: isActive false -> status paused."""
     body = get(api, create(api, subscription(isActive=False)))

@@ -375,6 +375,38 @@ def test_scope_q_filters_notifications_and_periodic_ones(api, receiver):
     assert [i["id"] for i in data(receiver.wait(periodic_path, 1)[0])] == ["urn:ngsi-ld:Shop:madrid"]
 
 
+def test_dataset_id_selects_the_instances_notified(api, receiver):
+    """4.5.5 / 5.2.12 datasetId: only changes of those attribute instances notify, and only they are shown."""
+    french = "urn:ngsi-ld:Dataset:french-name"
+    path, uri = receiver.endpoint()
+    subscribe(api, uri, datasetId=[french])
+    e = "urn:ngsi-ld:Sensor:ds"
+    create(api, {"id": e, "type": "Sensor", "temperature": {"type": "Property", "value": 1},
+                 "name": [{"type": "Property", "value": "house"},
+                          {"type": "Property", "value": "maison", "datasetId": french}]})
+    patch(api, e, temperature=2)  # the default instance of another attribute: not notified
+    ok(api.send_json("PATCH", f"/entities/{e}/attrs",
+                     {"name": {"type": "Property", "value": "logis", "datasetId": french}}), 204)
+    first, second = receiver.wait(path, 2)
+    assert data(first) == [{"id": e, "type": "Sensor",
+                            "name": {"type": "Property", "value": "maison", "datasetId": french}}]
+    assert data(second)[0]["name"]["value"] == "logis" and "temperature" not in data(second)[0]
+    assert len(receiver.got(path, status=None)) == 2
+
+
+def test_pick_and_omit_shape_the_notified_entities(api, receiver):
+    """4.21 notification.pick / omit: only the members picked, or all but the members omitted."""
+    pick_path, pick_uri = receiver.endpoint()
+    subscribe(api, pick_uri, notification={"pick": ["id", "temperature"]})
+    omit_path, omit_uri = receiver.endpoint()
+    subscribe(api, omit_uri, notification={"omit": ["humidity"]})
+    e = "urn:ngsi-ld:Sensor:po"
+    create(api, entity(e, temperature=1, humidity=2))
+    assert data(receiver.wait(pick_path, 1)[0]) == [{"id": e, "temperature": {"type": "Property", "value": 1}}]
+    assert data(receiver.wait(omit_path, 1)[0]) == [{"id": e, "type": "Sensor",
+                                                     "temperature": {"type": "Property", "value": 1}}]
+
+
 # --------------------------------------------------------------------------------------------- payload
 
 def test_notification_attributes_and_formats(api, receiver):
