@@ -755,6 +755,21 @@ def test_endpoint_answering_500_then_ok_gets_everything_in_order(own_api, receiv
     assert "lastSuccess" in status and "lastFailure" in status and status["timesSent"] >= 4 + len(failed)
 
 
+def test_endpoint_cooldown_spaces_the_retries(own_api, receiver):
+    """5.2.15 cooldown: after a failure, no attempt to the endpoint before cooldown ms have passed."""
+    receiver.status = 500
+    path, uri = receiver.endpoint()
+    subscribe(own_api, uri, notification={"endpoint": {"cooldown": 2500}})
+    create(own_api, entity("urn:ngsi-ld:Sensor:cool", temperature=1))
+    receiver.wait(path, 1, status=500)
+    failed_at = time.monotonic()
+    time.sleep(1.5)  # without the cooldown the backoff (0.25 to 0.5 s, then 0.5 to 1 s) would retry meanwhile
+    assert len(receiver.got(path, status=None)) == 1
+    receiver.status = 200
+    assert values(receiver.wait(path, 1)) == [1]
+    assert time.monotonic() - failed_at >= 2.4 and len(receiver.got(path, status=None)) == 2
+
+
 def test_a_joined_notification_is_retried_under_its_own_id(own_api, receiver):
     """The joined notification is stored before it is sent: every retry carries the same id and entities, and
     rows queued meanwhile are neither joined with it nor sent before it."""
