@@ -70,7 +70,7 @@ async def update_subscription(sub_id: str, request: Request) -> Response:
     if isinstance(body, dict) and body.get("jsonldContext") not in (None, "urn:ngsi-ld:null"):
         check_uri(body["jsonldContext"], "jsonldContext")
         await request.app.state.contexts.resolve(body["jsonldContext"])
-    await _service(request).update(ctx.tenant, sub_id, body, ctx.terms)
+    await _service(request).update(ctx.tenant, sub_id, body, ctx.terms, ctx.context_value)
     return Response(status_code=204)
 
 

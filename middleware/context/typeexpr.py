@@ -75,3 +75,8 @@ def parse_type_selection(text: str, expand: Callable[[str], str]) -> TypeSelecti
     if pos != len(tokens):
         raise BadRequestData(f"type selection {text!r}: unexpected {tokens[pos]!r}")
     return TypeSelection(test, names)
+
+
+def rename_type_names(text: str, rename: Callable[[str], str]) -> str:
+    """A type selection with every type name replaced by rename(name) (operators kept, whitespace dropped)."""
+    return "".join(token if token in "(),;|" else rename(token) for token in _TOKEN.findall(text))

@@ -309,14 +309,16 @@ class Dispatcher:
                 attempts += 1
                 now = now_iso()
                 failed = StatusUpdate(sent=1, failed=1, last_notification=now, last_failure=now, status="failed")
+                cooldown = endpoint.get("cooldown", 0) / 1000  # 5.2.15: no attempt within cooldown ms of a failure
                 if attempts >= self.max_attempts:
                     log.warning("notification for %s dropped after %d attempts: %s", sub_id, attempts, failure)
                     await self.store.outbox_settle([Settlement(tenant, sub_id, [seq], None, failed)])
+                    await asyncio.sleep(cooldown)
                     continue
                 await self.store.outbox_settle([Settlement(tenant, sub_id, [], (seq, attempts), failed)])
                 log.info("notification for %s failed (attempt %d): %s", sub_id, attempts, failure)
                 delay = min(self.backoff_max, self.backoff_start * 2 ** (attempts - 1))
-                await asyncio.sleep(random.uniform(delay / 2, delay))
+                await asyncio.sleep(max(cooldown, random.uniform(delay / 2, delay)))
                 return False
             metrics.notification(True)
             done.append(seq)

@@ -12,14 +12,16 @@ import re
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import orjson
 
 from ..context.geo import GeoQuery, parse_geoq
-from ..context.jsonld import CORE_CONTEXT_URL, TermMap
+from ..context.jsonld import CORE_CONTEXT_URL, TermMap, is_core_context_url
 from ..context.model import NULL_URI, VALUE_MEMBER, Renderer
 from ..context.query import Query, parse_q
+from ..context.scopeq import parse_scopeq
+from ..context.typeexpr import TypeSelection, parse_type_selection
 from ..store.base import OutboxRow
 from .model import parse_time
 
@@ -38,15 +40,17 @@ class Compiled:
     tenant: str
     id: str
     doc: dict
-    terms: TermMap                 # expands the subscription's own names (its creation @context)
+    terms: TermMap                 # expands its q and geoQ (the @context they were written with)
     out_terms: TermMap             # compacts its notifications (jsonldContext, else the creation @context)
     context_url: str               # for the Link header / metadata of application/json notifications
     context_value: Any             # for the @context of application/ld+json notifications
-    selectors: list[tuple[str | None, re.Pattern | None, str]] = field(default_factory=list)
+    selectors: list[tuple[str | None, re.Pattern | None, TypeSelection]] = field(default_factory=list)
     watched: frozenset[str] | None = None
     triggers: frozenset[str] = frozenset()
     q: Query | None = None
     geo: GeoQuery | None = None
+    scope: Callable[[dict], bool] | None = None  # scopeQ (4.19)
+    datasets: frozenset[str] | None = None  # datasetId (4.5.5); "@none" is the default instance
     expires: float | None = None
     last_notified: float = float("-inf")  # time.monotonic() of the last notification, for throttling
 
@@ -65,8 +69,8 @@ class Compiled:
         """True if the entity matches one of the entity selectors (or there are none)."""
         if not self.selectors:
             return True
-        for entity_id, pattern, type_iri in self.selectors:
-            if type_iri not in doc["type"]:
+        for entity_id, pattern, types in self.selectors:
+            if not types.matches(doc["type"]):
                 continue
             if entity_id is not None:
                 if entity_id == doc["id"]:
@@ -75,9 +79,22 @@ class Compiled:
                 return True
         return False
 
+    def in_datasets(self, doc: dict | None) -> dict | None:
+        """The entity with only the attribute instances of the subscription's datasetId (as it is without one)."""
+        if self.datasets is None or doc is None:
+            return doc
+        attrs = {}
+        for name, instances in doc["attrs"].items():
+            kept = [inst for inst in instances if inst.get("datasetId", "@none") in self.datasets]
+            if kept:
+                attrs[name] = kept
+        return dict(doc, attrs=attrs)
+
     def filters(self, doc: dict) -> bool:
-        """True if q and geoQ hold on the entity."""
+        """True if q, geoQ and scopeQ hold on the entity."""
         if self.q is not None and not self.q.matches(doc):
+            return False
+        if self.scope is not None and not self.scope(doc):
             return False
         if self.geo is not None:
             instances = doc["attrs"].get(self.geo.geoproperty) or ()
@@ -86,19 +103,40 @@ class Compiled:
         return True
 
 
+def context_link(context: Any) -> str | None:
+    """The one URL a Link header can name for this @context (core if none is given), or None if no URL can.
+
+    A URL names itself; an array of URLs is named by its only non-core URL (the core context applies anyway),
+    or by the core URL when it holds nothing else. An inline object, or several non-core URLs, has no name."""
+    if context is None:
+        return CORE_CONTEXT_URL
+    if isinstance(context, str):
+        return context
+    if isinstance(context, list) and all(isinstance(item, str) for item in context):
+        urls = [item for item in context if not is_core_context_url(item)]
+        if len(urls) <= 1:
+            return urls[0] if urls else CORE_CONTEXT_URL
+    return None
+
+
+def notification_context(doc: dict) -> tuple[Any, bool]:
+    """The @context a subscription's notifications are compacted with (jsonldContext, else the creation one),
+    and whether it must be replaced by the core context (application/json names it by a Link it cannot have)."""
+    context = doc.get("jsonldContext") or doc.get("@context")
+    linked = doc["notification"]["endpoint"].get("accept", "application/json") == "application/json"
+    return context, linked and context_link(context) is None
+
+
 def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: TermMap) -> Compiled:
-    """Parse a stored subscription's selectors, q and geoQ once."""
-    jsonld_context = doc.get("jsonldContext")
-    creation = doc.get("@context")
-    if jsonld_context:
-        url, value = jsonld_context, jsonld_context
-    elif isinstance(creation, str):
-        url, value = creation, creation
+    """Parse a stored subscription's selectors, q and geoQ once (out_terms compact per notification_context)."""
+    context, unlinkable = notification_context(doc)
+    if unlinkable:  # compacted with the core context (service.compile), so the core Link describes the data
+        url, value = CORE_CONTEXT_URL, CORE_CONTEXT_URL
     else:
-        url, value = CORE_CONTEXT_URL, creation if creation is not None else CORE_CONTEXT_URL
+        url, value = context_link(context) or CORE_CONTEXT_URL, context if context is not None else CORE_CONTEXT_URL
     compiled = Compiled(tenant, doc["id"], doc, terms, out_terms, url, value)
     compiled.selectors = [(s.get("id"), re.compile(s["idPattern"]) if "idPattern" in s and "id" not in s else None,
-                           s["type"]) for s in doc.get("entities", ())]
+                           parse_type_selection(s["type"], str)) for s in doc.get("entities", ())]  # names stored expanded
     if "watchedAttributes" in doc:
         compiled.watched = frozenset(doc["watchedAttributes"])
     triggers = set(doc.get("notificationTrigger", ()))
@@ -110,6 +148,10 @@ def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: Term
     if "geoQ" in doc:
         geo = doc["geoQ"]
         compiled.geo = parse_geoq(geo["georel"], geo["geometry"], geo["coordinates"], geo.get("geoproperty"), terms.expand)
+    if "scopeQ" in doc:
+        compiled.scope = parse_scopeq(doc["scopeQ"])
+    if "datasetId" in doc:
+        compiled.datasets = frozenset(doc["datasetId"])
     if "expiresAt" in doc:
         compiled.expires = parse_time(doc["expiresAt"]).timestamp()
     return compiled
@@ -129,8 +171,11 @@ class SubscriptionIndex:
         """The index keys under which a subscription is found."""
         if sub.selectors:
             keys = []
-            for entity_id, pattern, type_iri in sub.selectors:
-                keys.append((sub.tenant, "id", entity_id) if entity_id is not None else (sub.tenant, "type", type_iri))
+            for entity_id, pattern, types in sub.selectors:
+                if entity_id is not None:
+                    keys.append((sub.tenant, "id", entity_id))
+                else:  # a type selection is found under every type it names
+                    keys.extend((sub.tenant, "type", name) for name in types.names)
             return list(dict.fromkeys(keys))
         return [(sub.tenant, "attr", name) for name in sub.watched or ()]
 
@@ -225,8 +270,11 @@ def trigger_of(sub: Compiled, old: dict | None, new: dict | None,
         if "entityCreated" in triggers:
             return "entityCreated"
         return "attributeCreated" if created and "attributeCreated" in triggers else None
-    if new is None:
-        return "entityDeleted" if "entityDeleted" in triggers else None
+    if new is None:  # the entity's attributes go with it: attributeDeleted if asked for by name, not via entityUpdated
+        if "entityDeleted" in triggers:
+            return "entityDeleted"
+        asked = "attributeDeleted" in sub.doc.get("notificationTrigger", ())
+        return "attributeDeleted" if deleted and asked else None
     if created and "attributeCreated" in triggers:
         return "attributeCreated"
     if updated and "attributeUpdated" in triggers:
@@ -236,26 +284,44 @@ def trigger_of(sub: Compiled, old: dict | None, new: dict | None,
     return None
 
 
-def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[str], now: str) -> dict:
-    """One entity of a notification in the subscription's format, with deletions and showChanges (5.8.6)."""
+def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[str], now: str,
+               trigger: str | None = None) -> dict:
+    """One entity of a notification in the subscription's format, with deletions and showChanges (5.8.6).
+
+    A deleted entity is {id, type, deletedAt}; with showChanges its attributes follow as deleted ones with their
+    previous values, and for attributeDeleted its watched attributes do."""
     params = sub.doc["notification"]
     fmt = params["format"]
+    show_changes, sys_attrs = params.get("showChanges", False), params.get("sysAttrs", False)
     attrs = set(params["attributes"]) if "attributes" in params else None
-    renderer = Renderer(sub.out_terms, fmt=fmt, sys_attrs=params["sysAttrs"], lang=sub.doc.get("lang"), attrs=attrs)
+    pick_members = None
+    if "pick" in params:  # (4.21) as the entity API's pick: entity members, and the attributes picked
+        pick_members = {name for name in params["pick"] if name in ("id", "type", "scope")}
+        attrs = {name for name in params["pick"] if name not in pick_members}
+    omit = set(params.get("omit", ()))
+    renderer = Renderer(sub.out_terms, fmt=fmt, sys_attrs=sys_attrs, lang=sub.doc.get("lang"), attrs=attrs,
+                        omit=omit, pick_members=pick_members)
     compact = sub.out_terms.compact
     if new is None:
         types = [compact(t) for t in old["type"]]
         out: dict[str, Any] = {"id": old["id"], "type": types[0] if len(types) == 1 else types, "deletedAt": now}
-        if params["sysAttrs"]:
+        if sys_attrs:
             out["createdAt"], out["modifiedAt"] = old["createdAt"], old["modifiedAt"]
+        if show_changes or trigger == "attributeDeleted":
+            for name in old["attrs"]:
+                if attrs is not None and name not in attrs or name in omit:
+                    continue
+                if trigger == "attributeDeleted" and sub.watched is not None and name not in sub.watched:
+                    continue
+                out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, show_changes, sys_attrs, now)
         return out
     out = renderer.entity(new)
     if old is not None:
         for name in deleted:
-            if attrs is not None and name not in attrs:
+            if attrs is not None and name not in attrs or name in omit:
                 continue
-            out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, params["showChanges"], params["sysAttrs"], now)
-        if params["showChanges"]:
+            out[compact(name)] = _deleted_attribute(old["attrs"][name], fmt, show_changes, sys_attrs, now)
+        if show_changes:
             for name, instances in new["attrs"].items():
                 previous = {i.get("datasetId"): i for i in old["attrs"].get(name, ())}
                 key = compact(name)
@@ -276,12 +342,14 @@ def render_for(sub: Compiled, old: dict | None, new: dict | None, deleted: set[s
 
 
 def _deleted_attribute(instances: list[dict], fmt: str, show_changes: bool, sys_attrs: bool, now: str) -> Any:
-    """A deleted attribute: just urn:ngsi-ld:null, unless a datasetId, sysAttrs or showChanges need an object (5.8.6)."""
+    """A deleted attribute (5.2.1, 5.8.6): normalized, {"type", value|object: urn:ngsi-ld:null} (languageMap
+    {"@none": urn:ngsi-ld:null}); keyValues the bare null; concise the bare urn:ngsi-ld:null unless a datasetId,
+    sysAttrs or showChanges need an object."""
     shown = []
     for inst in instances:
         member = VALUE_MEMBER[inst["type"]]
         null = {"@none": NULL_URI} if member == "languageMap" else NULL_URI
-        if fmt == "keyValues" or not (show_changes or sys_attrs or "datasetId" in inst):
+        if fmt == "keyValues" or fmt == "concise" and not (show_changes or sys_attrs or "datasetId" in inst):
             shown.append(null if fmt == "keyValues" else NULL_URI)
             continue
         item: dict[str, Any] = {"type": inst["type"]} if fmt == "normalized" else {}
@@ -348,7 +416,12 @@ class Planner:
                 watched = [sub.watched for sub in subs]
                 changes = attribute_changes(old, new, None if None in watched else frozenset().union(*watched))
             for sub in subs:
-                if trigger_of(sub, old, new, changes) is None or not sub.filters(doc):
+                sub_old, sub_new, sub_changes = old, new, changes
+                if sub.datasets is not None:  # only the instances of its datasetId count, and are shown
+                    sub_old, sub_new = sub.in_datasets(old), sub.in_datasets(new)
+                    sub_changes = attribute_changes(sub_old, sub_new)
+                trigger = trigger_of(sub, sub_old, sub_new, sub_changes)
+                if trigger is None or not sub.filters(doc):
                     continue
                 throttling = sub.doc.get("throttling")
                 entry = per_sub.get(id(sub))
@@ -356,7 +429,7 @@ class Planner:
                     if throttling and clock - sub.last_notified < throttling:
                         continue  # throttled: this notification is not sent (5.8.6)
                     entry = per_sub[id(sub)] = (sub, [])
-                entry[1].append(render_for(sub, old, new, changes[2], now))
+                entry[1].append(render_for(sub, sub_old, sub_new, sub_changes[2], now, trigger))
         rows = []
         for sub, entities in per_sub.values():
             sub.last_notified = clock

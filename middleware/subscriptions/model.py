@@ -2,7 +2,8 @@
 
 Stored form: the members of 5.2.12 with attribute names and entity types expanded, plus "@context" (the
 @context the subscription was made with, used to expand its q and to compact its notifications when no
-jsonldContext is given), createdAt and modifiedAt. Read-only members sent by clients are ignored (5.2.12).
+jsonldContext is given), "@queryContext" (only after a PATCH that set q or geoQ: the @context of that request,
+which then expands them), createdAt and modifiedAt. Read-only members sent by clients are ignored (5.2.12).
 """
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..context.errors import BadRequestData
+from ..context.errors import BadRequestData, OperationNotSupported
 from ..context.geo import parse_geoq
 from ..context.jsonld import TermMap
 from ..context.model import NULL_URI, check_datetime, check_name, check_uri
 from ..context.query import parse_q
+from ..context.scopeq import parse_scopeq
+from ..context.typeexpr import parse_type_selection, rename_type_names
 
 TRIGGERS = ("entityCreated", "entityUpdated", "entityDeleted", "attributeCreated", "attributeUpdated", "attributeDeleted")
 DEFAULT_TRIGGERS = ["attributeCreated", "attributeUpdated"]
@@ -29,6 +32,9 @@ _KNOWN = frozenset({"id", "type", "subscriptionName", "description", "entities",
                     "notificationTrigger", "timeInterval", "throttling", "q", "geoQ", "scopeQ", "csf", "isActive",
                     "expiresAt", "notification", "jsonldContext", "lang", "localOnly", "temporalQ", "datasetId",
                     "@context"}) | READ_ONLY
+
+
+QUERY_CONTEXT = "@queryContext"  # the @context q and geoQ were written with, when not the creation one
 
 
 def new_subscription_id() -> str:
@@ -110,6 +116,8 @@ def validate_subscription(body: Any, terms: TermMap, context: Any, *, now: str, 
             if not isinstance(body[key], str):
                 raise BadRequestData(f"{key} must be a string")
             out[key] = body[key]
+    if "scopeQ" in out:
+        parse_scopeq(out["scopeQ"])  # 4.19, as the query API parses it
     if "entities" in body:
         selectors = body["entities"]
         if not isinstance(selectors, list) or not selectors:
@@ -145,10 +153,10 @@ def validate_subscription(body: Any, terms: TermMap, context: Any, *, now: str, 
                 raise BadRequestData(f"geoQ needs {key} (5.2.13)")
         parse_geoq(geo["georel"], geo["geometry"], geo["coordinates"], geo.get("geoproperty"), terms.expand)
         out["geoQ"] = {k: geo[k] for k in ("geometry", "coordinates", "georel", "geoproperty") if k in geo}
-    if "isActive" in body:
+    if "isActive" in body:  # stored only when given (GET returns what the client sent); the default true applies
         if not isinstance(body["isActive"], bool):
             raise BadRequestData("isActive must be true or false")
-    out["isActive"] = body.get("isActive", True)
+        out["isActive"] = body["isActive"]
     if "expiresAt" in body:
         check_datetime(body["expiresAt"], "expiresAt")
         if parse_time(body["expiresAt"]) <= datetime.now(timezone.utc):
@@ -158,6 +166,8 @@ def validate_subscription(body: Any, terms: TermMap, context: Any, *, now: str, 
         out["jsonldContext"] = check_uri(body["jsonldContext"], "jsonldContext")
     if "localOnly" in body:
         out["localOnly"] = bool(body["localOnly"])
+    if "datasetId" in body:
+        out["datasetId"] = _dataset_ids(body["datasetId"])
     out["notification"] = _notification(body.get("notification"), terms)
     out["@context"] = context
     out["createdAt"] = body.get("createdAt", now) if sub_id else now
@@ -170,7 +180,11 @@ def _selector(selector: Any, terms: TermMap) -> dict:
         raise BadRequestData("an entity selector must be an object")
     if not isinstance(selector.get("type"), str):
         raise BadRequestData("an entity selector needs a type (5.2.33)")
-    out = {"type": terms.expand(check_name(selector["type"], "entity type"))}
+    def expand(name: str) -> str:
+        return terms.expand(check_name(name, "entity type"))
+
+    parse_type_selection(selector["type"], expand)  # a name, or a type selection (4.17): (A|B), A,B, A;B
+    out = {"type": rename_type_names(selector["type"], expand)}
     if "id" in selector:
         out["id"] = check_uri(selector["id"], "entity selector id")
     if "idPattern" in selector:
@@ -184,6 +198,31 @@ def _selector(selector: Any, terms: TermMap) -> dict:
     return out
 
 
+def _dataset_ids(value: Any) -> list[str]:
+    """datasetId (4.5.5): an array of URIs, "@none" naming the default instance (a single string is one item)."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list) or not items:
+        raise BadRequestData("datasetId must be a URI or a non-empty array of URIs (\"@none\": the default instance)")
+    return [item if item == "@none" else check_uri(item, "datasetId") for item in items]
+
+
+_ENTITY_MEMBERS = ("id", "type", "scope")  # members pick/omit may name besides attributes (4.21)
+
+
+def _projection(value: Any, what: str, terms: TermMap) -> list[str]:
+    """notification.pick / omit: entity members and attribute names (expanded); nested projections are refused."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
+        raise BadRequestData(f"{what} must be a non-empty array of names")
+    out = []
+    for item in (i.strip() for i in items):
+        if any(c in item for c in "{}|;"):
+            raise OperationNotSupported(f"{what}: only plain attribute names (and id, type, scope) are supported, "
+                                        f"not the projection {item!r}")
+        out.append(item if item in _ENTITY_MEMBERS else terms.expand(check_name(item, what)))
+    return out
+
+
 def _notification(params: Any, terms: TermMap) -> dict:
     if not isinstance(params, dict):
         raise BadRequestData("a subscription needs a notification object with an endpoint")
@@ -192,16 +231,27 @@ def _notification(params: Any, terms: TermMap) -> dict:
     out: dict[str, Any] = {}
     if "attributes" in params:
         out["attributes"] = _names(params["attributes"], "notification.attributes", terms)
+    for key in ("pick", "omit"):
+        if key in params:
+            if "attributes" in params:
+                raise BadRequestData(f"notification.{key} excludes notification.attributes (4.21)")
+            out[key] = _projection(params[key], f"notification.{key}", terms)
+    if set(out.get("pick", ())) & set(out.get("omit", ())):
+        raise BadRequestData("notification.pick and notification.omit name the same member(s): "
+                             + ", ".join(sorted(set(out["pick"]) & set(out["omit"]))))
+    for key in ("join", "joinLevel"):
+        if key in params:
+            raise OperationNotSupported(f"notification.{key} (linked entity retrieval, 4.5.23) is not supported")
     fmt = params.get("format", "normalized")
     if fmt not in FORMATS:
         raise BadRequestData(f"notification.format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out["format"] = "keyValues" if fmt == "simplified" else fmt
-    for key in ("showChanges", "sysAttrs"):
-        value = params.get(key, False)
-        if not isinstance(value, bool):
-            raise BadRequestData(f"notification.{key} must be true or false")
-        out[key] = value
-    if out["showChanges"] and out["format"] == "keyValues":
+    for key in ("showChanges", "sysAttrs"):  # stored only when given; both default to false
+        if key in params:
+            if not isinstance(params[key], bool):
+                raise BadRequestData(f"notification.{key} must be true or false")
+            out[key] = params[key]
+    if out.get("showChanges") and out["format"] == "keyValues":
         raise BadRequestData("notification.showChanges cannot be true with the keyValues format (5.2.14)")
     out["endpoint"] = validate_endpoint(params["endpoint"])
     return out
@@ -215,7 +265,7 @@ def merge_fragment(stored: dict, fragment: Any) -> dict:
         raise BadRequestData("the subscription id cannot be changed")
     if "type" in fragment and fragment["type"] != "Subscription":
         raise BadRequestData('a subscription fragment\'s type must be "Subscription"')
-    merged = {k: v for k, v in stored.items() if k not in ("@context", "modifiedAt")}
+    merged = {k: v for k, v in stored.items() if k not in ("@context", QUERY_CONTEXT, "modifiedAt")}
     for key, value in fragment.items():
         if key in READ_ONLY or key == "@context":
             continue
@@ -229,14 +279,17 @@ def merge_fragment(stored: dict, fragment: Any) -> dict:
 def to_body(stored: dict, terms: TermMap) -> dict:
     """The stored form back as a request-like body with names compacted by terms (for patches and rendering)."""
     compact = terms.compact
-    body = {k: v for k, v in stored.items() if k not in ("@context",)}
+    body = {k: v for k, v in stored.items() if k not in ("@context", QUERY_CONTEXT)}
     if "entities" in stored:
-        body["entities"] = [dict(s, type=compact(s["type"])) for s in stored["entities"]]
+        body["entities"] = [dict(s, type=rename_type_names(s["type"], compact)) for s in stored["entities"]]
     if "watchedAttributes" in stored:
         body["watchedAttributes"] = [compact(a) for a in stored["watchedAttributes"]]
     notification = dict(stored["notification"])
     if "attributes" in notification:
         notification["attributes"] = [compact(a) for a in notification["attributes"]]
+    for key in ("pick", "omit"):
+        if key in notification:
+            notification[key] = [a if a in _ENTITY_MEMBERS else compact(a) for a in notification[key]]
     body["notification"] = notification
     return body
 

@@ -129,9 +129,15 @@ class _MqttConnection:
             loop.call_soon_threadsafe(_succeed, future)
 
     async def publish(self, topic: str, payload: bytes, qos: int, timeout: float) -> None:
-        """Publish and wait for the broker's acknowledgement (QoS 1/2) or for the packet to leave (QoS 0)."""
-        if not self.connected.is_set():
-            raise DeliveryFailed(f"MQTT broker {self.name} is not connected")
+        """Publish and wait for the broker's acknowledgement (QoS 1/2) or for the packet to leave (QoS 0).
+
+        A connection still being made (new, or reconnecting) is waited for within the same timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while not self.connected.is_set():
+            if asyncio.get_running_loop().time() >= deadline:
+                raise DeliveryFailed(f"MQTT broker {self.name} is not connected (waited {timeout} s)")
+            await asyncio.sleep(0.02)
+        timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         info = self.client.publish(topic, payload, qos=qos)

@@ -5,16 +5,17 @@ import asyncio
 import collections
 import logging
 import time
+from typing import Any
 
 from ..context.broker import Broker
 from ..context.errors import AlreadyExists, LdContextNotAvailable, ResourceNotFound
 from ..context.jsonld import ContextResolver
 from ..context.model import now_iso
-from ..context.typeexpr import TypeSelection
 from ..store.base import OutboxRow, Store, SubscriptionRecord
 from .delivery import Dispatcher
-from .matcher import Compiled, Planner, SubscriptionIndex, compile_subscription, notification_payload, render_for
-from .model import merge_fragment, validate_subscription
+from .matcher import (Compiled, Planner, SubscriptionIndex, compile_subscription, notification_context,
+                      notification_payload, render_for)
+from .model import QUERY_CONTEXT, merge_fragment, validate_subscription
 
 log = logging.getLogger("citybridge.subscriptions")
 
@@ -67,8 +68,9 @@ class SubscriptionService:
 
     async def compile(self, tenant: str, doc: dict) -> Compiled:
         """Compile a stored subscription with its @context (and jsonldContext) resolved."""
-        terms = await self.contexts.resolve(doc.get("@context"))
-        out_terms = await self.contexts.resolve(doc["jsonldContext"]) if doc.get("jsonldContext") else terms
+        terms = await self.contexts.resolve(doc.get(QUERY_CONTEXT, doc.get("@context")))
+        context, unlinkable = notification_context(doc)
+        out_terms = await self.contexts.resolve(None if unlinkable else context)
         return compile_subscription(tenant, doc, terms, out_terms)
 
     async def _load(self) -> None:
@@ -147,8 +149,9 @@ class SubscriptionService:
             raise ResourceNotFound(f"subscription {sub_id} not found")
         return record
 
-    async def update(self, tenant: str, sub_id: str, fragment: dict, terms) -> None:
-        """Merge a fragment into a subscription (5.8.2) and re-index it."""
+    async def update(self, tenant: str, sub_id: str, fragment: dict, terms, context: Any = None) -> None:
+        """Merge a fragment into a subscription (5.8.2) and re-index it; a q or geoQ given is expanded with the
+        request's @context (context), like every other name of the fragment."""
         record = await self.get(tenant, sub_id)
         merged = merge_fragment(record.doc, fragment)
         if "expiresAt" not in fragment:
@@ -159,6 +162,9 @@ class SubscriptionService:
         else:
             doc = validate_subscription(merged, terms, record.doc.get("@context"), now=now_iso(), sub_id=sub_id)
         doc["createdAt"] = record.doc["createdAt"]
+        written = context if "q" in fragment or "geoQ" in fragment else record.doc.get(QUERY_CONTEXT, doc["@context"])
+        if written != doc["@context"]:
+            doc[QUERY_CONTEXT] = written
         compiled = await self._compile_checked(tenant, doc)
         if not await self.store.put_subscription(tenant, sub_id, doc, create=False):
             raise ResourceNotFound(f"subscription {sub_id} not found")
@@ -209,16 +215,15 @@ class SubscriptionService:
         if not await self.store.acquire_leases(self.dispatcher.owner, [lease], interval * 0.9):
             return
         matched: dict[str, dict] = {}
-        for entity_id, pattern, type_iri in sub.selectors:
+        for entity_id, pattern, types in sub.selectors:
             result = await self.broker.query(sub.tenant, ids=[entity_id] if entity_id else None,
-                                             id_pattern=pattern.pattern if pattern else None,
-                                             types=TypeSelection(lambda types, t=type_iri: t in types, [type_iri]),
-                                             q=sub.q, geo=sub.geo, limit=10_000)
+                                             id_pattern=pattern.pattern if pattern else None, types=types,
+                                             q=sub.q, geo=sub.geo, scope=sub.scope, limit=10_000)
             for doc in result.entities:
                 matched.setdefault(doc["id"], doc)
         if not matched:
             return  # no matching entities: no notification (5.8.6)
         now = now_iso()
-        entities = [render_for(sub, None, doc, set(), now) for doc in matched.values()]
+        entities = [render_for(sub, None, sub.in_datasets(doc), set(), now) for doc in matched.values()]
         await self.store.add_outbox(sub.tenant, [OutboxRow(sub.id, notification_payload(sub, entities, now))])
         self.dispatcher.wake(sub.tenant, sub.id)

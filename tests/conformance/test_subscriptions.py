@@ -195,6 +195,20 @@ def test_create_with_entity_selector_without_type_is_bad_request_data(api, selec
     assert_problem(api.post_json("/subscriptions", subscription(entities=[selector])), 400, "BadRequestData")
 
 
+@pytest.mark.parametrize("selection", ["(Vehicle|Bus)", "Vehicle,Bus", "Vehicle;Bus"])
+def test_create_with_entity_type_selection_keeps_it(api, user_context, selection):
+    """5.2.33 / 4.17: an entity selector's type may be a type selection; its names are expanded and compacted back."""
+    sub_id = create(api, subscription(entities=[{"type": selection}]), headers=link(user_context))
+    assert get(api, sub_id, headers=link(user_context))["entities"] == [{"type": selection}]
+    assert get(api, sub_id)["entities"] == [{"type": selection.replace("Vehicle", EX + "Vehicle")}]
+
+
+@pytest.mark.parametrize("selection", ["(Vehicle|Bus", "Vehicle||Bus", "Vehicle;"])
+def test_create_with_invalid_entity_type_selection_is_bad_request_data(api, selection):
+    """4.17: a malformed type selection -> BadRequestData."""
+    assert_problem(api.post_json("/subscriptions", subscription(entities=[{"type": selection}])), 400, "BadRequestData")
+
+
 def test_create_with_entity_selector_with_invalid_id_is_bad_request_data(api):
     """5.2.33: the EntitySelector id is a URI."""
     body = subscription(entities=[{"type": "Vehicle", "id": "not a uri"}])
@@ -242,6 +256,17 @@ def test_create_with_invalid_q_is_bad_request_data(api, q):
 def test_create_with_invalid_geoq_is_bad_request_data(api, geo):
     """5.2.13: geometry, coordinates and georel are required and shall be valid (4.10)."""
     assert_problem(api.post_json("/subscriptions", subscription(geoQ=geo)), 400, "BadRequestData")
+
+
+@pytest.mark.parametrize("scope_q", ["((", "Madrid", "/Madrid/#/x", ""])
+def test_create_with_invalid_scope_q_is_bad_request_data(api, scope_q):
+    """5.2.12 / 4.19: scopeQ is a scope query; a malformed one -> BadRequestData, as in the query API."""
+    assert_problem(api.post_json("/subscriptions", subscription(scopeQ=scope_q)), 400, "BadRequestData")
+
+
+def test_create_with_valid_scope_q_keeps_it(api):
+    """5.2.12: a valid scopeQ is accepted and returned."""
+    assert get(api, create(api, subscription(scopeQ="/Madrid/#,/Spain")))["scopeQ"] == "/Madrid/#,/Spain"
 
 
 def test_create_with_valid_geoq_and_q_is_accepted(api):
@@ -363,11 +388,13 @@ def test_create_with_reachable_jsonld_context_keeps_it(api, user_context):
 
 
 def test_retrieve_applies_defaults(api):
-    """5.2.12 / 5.2.14 / 5.2.15: isActive true, notificationTrigger attributeCreated+attributeUpdated, format
-    normalized, accept application/json; status active."""
+    """5.2.12 / 5.2.14 / 5.2.15: notificationTrigger attributeCreated+attributeUpdated, format normalized, accept
+    application/json; status active. The defaults of isActive, showChanges and sysAttrs apply but are not echoed:
+    GET returns the members the client gave plus the read-only ones (as the ETSI test suite compares them)."""
     body = get(api, create(api, subscription()))
     assert body["type"] == "Subscription"
-    assert body["isActive"] is True
+    assert "isActive" not in body
+    assert "showChanges" not in body["notification"] and "sysAttrs" not in body["notification"]
     assert body["status"] == "active"
     assert sorted(body["notificationTrigger"]) == ["attributeCreated", "attributeUpdated"]
     assert body["notification"]["format"] == "normalized"
@@ -395,6 +422,51 @@ def test_retrieve_returns_what_was_created(api):
     assert notification["format"] == "concise"
     assert notification["sysAttrs"] is True
     assert notification["endpoint"] == {"uri": ENDPOINT, "accept": "application/ld+json", "timeout": 500}
+
+
+def test_retrieve_echoes_defaulted_members_the_client_gave(api):
+    """5.8.3: isActive, showChanges and sysAttrs are returned when the client sent them, even at their defaults."""
+    sub_id = create(api, subscription(isActive=True, notification={"showChanges": False, "sysAttrs": False,
+                                                                   "endpoint": {"uri": ENDPOINT}}))
+    body = get(api, sub_id)
+    assert body["isActive"] is True
+    assert body["notification"]["showChanges"] is False and body["notification"]["sysAttrs"] is False
+
+
+def test_create_with_dataset_id_keeps_it(api):
+    """5.2.12 datasetId (4.5.5): stored and returned."""
+    datasets = ["urn:ngsi-ld:Dataset:french-name", "@none"]
+    assert get(api, create(api, subscription(datasetId=datasets)))["datasetId"] == datasets
+
+
+@pytest.mark.parametrize("datasets", [[], ["not a uri"], [1], {"a": 1}])
+def test_create_with_invalid_dataset_id_is_bad_request_data(api, datasets):
+    """5.2.12 datasetId: an array of URIs -> anything else is BadRequestData."""
+    assert_problem(api.post_json("/subscriptions", subscription(datasetId=datasets)), 400, "BadRequestData")
+
+
+def test_create_with_pick_or_omit_keeps_them(api, user_context):
+    """5.2.14 pick / omit (4.21): stored and returned, compacted with the request @context."""
+    body = subscription(notification={"pick": ["id", "speed"], "omit": ["brand"], "endpoint": {"uri": ENDPOINT}})
+    notification = get(api, create(api, body, headers=link(user_context)), headers=link(user_context))["notification"]
+    assert notification["pick"] == ["id", "speed"] and notification["omit"] == ["brand"]
+
+
+@pytest.mark.parametrize("members", [{"pick": ["speed"], "omit": ["speed"]}, {"pick": ["speed"], "attributes": ["speed"]},
+                                     {"omit": ["brand"], "attributes": ["speed"]}, {"pick": []}, {"omit": [1]}],
+                         ids=["same-member", "pick-attributes", "omit-attributes", "empty", "not-a-name"])
+def test_create_with_conflicting_or_invalid_pick_omit_is_bad_request_data(api, members):
+    """5.2.14 / 4.21: pick and omit exclude attributes, and no member may be both picked and omitted."""
+    body = subscription(notification={**members, "endpoint": {"uri": ENDPOINT}})
+    assert_problem(api.post_json("/subscriptions", body), 400, "BadRequestData")
+
+
+@pytest.mark.parametrize("members", [{"join": "flat"}, {"joinLevel": 2}, {"pick": ["speed{unit}"]}],
+                         ids=["join", "joinLevel", "nested-pick"])
+def test_create_with_unsupported_notification_members_is_operation_not_supported(api, members):
+    """4.5.23 join / joinLevel and nested projections are not supported: refused (6.3.2), not silently dropped."""
+    body = subscription(notification={**members, "endpoint": {"uri": ENDPOINT}})
+    assert_problem(api.post_json("/subscriptions", body), 422, "OperationNotSupported")
 
 
 def test_retrieve_created_paused_subscription_has_status_paused(api):

@@ -1,6 +1,7 @@
 """MQTT notifications (clause 7.2) end to end: a real middleware publishing to a real Mosquitto, read with paho-mqtt."""
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
 import time
@@ -79,6 +80,26 @@ def test_mqtt_message_has_metadata_and_body(api, mosquitto, version):
         listener.close()
 
 
+def test_mqtt_metadata_link_names_the_context_array(api, mosquitto, context_server):
+    """metadata.Link names the @context the body was compacted with, also when it was given as an array."""
+    ctx_url = context_server.publish(f"/ctx/{uuid.uuid4().hex}.jsonld", {"temp": "https://example.org/m#temperature"})
+    topic = f"citybridge/{uuid.uuid4().hex[:8]}/notify"
+    listener = Listener(mosquitto.port, topic)
+    try:
+        body = {"type": "Subscription", "entities": [{"type": "Sensor"}], "@context": [ctx_url],
+                "notification": {"endpoint": {"uri": f"mqtt://127.0.0.1:{mosquitto.port}/{topic}"}}}
+        response = api.send_json("POST", "/subscriptions", body, content_type="application/ld+json")
+        assert response.status_code == 201, response.text
+        created = api.post_json("/entities", {"id": "urn:ngsi-ld:Sensor:ma", "type": "Sensor",
+                                              "https://example.org/m#temperature": {"type": "Property", "value": 1}})
+        assert created.status_code == 201
+        (message,) = listener.wait(1)
+        assert message["metadata"]["Link"] == link(ctx_url)["Link"]
+        assert message["body"]["data"][0]["temp"] == {"type": "Property", "value": 1}
+    finally:
+        listener.close()
+
+
 def test_mqtt_ld_json_has_context_in_data_and_no_link(api, mosquitto):
     """accept application/ld+json over MQTT: Content-Type metadata, no Link, @context in each data item."""
     topic = f"citybridge/{uuid.uuid4().hex[:8]}"
@@ -129,6 +150,69 @@ def test_mqtt_credentials_in_the_uri(api, tmp_path):
     finally:
         listener.close()
         broker.stop()
+
+
+class SlowProxy:
+    """A TCP proxy to a broker that holds each new connection for `delay` seconds before relaying it."""
+
+    def __init__(self, target_port: int, delay: float):
+        self.target_port, self.delay = target_port, delay
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        time.sleep(self.delay)
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        for source, sink in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while chunk := source.recv(65536):
+                sink.sendall(chunk)
+        except OSError:
+            pass
+        finally:
+            for sock in (source, sink):
+                try:
+                    sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+    def close(self) -> None:
+        """Stop accepting."""
+        self.server.close()
+
+
+def test_first_notification_to_a_new_broker_waits_for_the_connection(api, mosquitto):
+    """The first notification to a broker still being connected to is sent once the connection is up (within the
+    endpoint timeout), not recorded as failed."""
+    proxy = SlowProxy(mosquitto.port, 0.5)  # a broker the middleware has no connection to yet, slow to connect
+    topic = f"fresh/{uuid.uuid4().hex[:8]}"
+    listener = Listener(mosquitto.port, topic)
+    try:
+        sub_id = subscribe(api, f"mqtt://127.0.0.1:{proxy.port}/{topic}")
+        assert api.post_json("/entities", entity("urn:ngsi-ld:Sensor:fresh", temperature=3)).status_code == 201
+        assert temperatures(listener.wait(1)) == [3]
+        deadline = time.monotonic() + WAIT
+        while "lastSuccess" not in (status := api.get(f"/subscriptions/{sub_id}").json()["notification"]):
+            assert time.monotonic() < deadline, status
+            time.sleep(0.05)
+        assert (status["timesSent"], status["timesFailed"], status["status"]) == (1, 0, "ok")
+        assert "lastFailure" not in status
+    finally:
+        listener.close()
+        proxy.close()
 
 
 def test_mqtt_broker_restart_loses_nothing(api, tmp_path):

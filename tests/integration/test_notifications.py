@@ -236,11 +236,61 @@ def test_every_trigger_and_the_default(api, receiver):
     assert "humidity" in seen["attributeCreated"][1]
     assert [temp(i) for i in seen["attributeUpdated"]] == [21]
     assert [temp(i) for i in seen[None]] == [20, 21, 21]
-    assert [i["humidity"] for i in seen["attributeDeleted"]] == [NULL]
+    # attributeDeleted: the attribute deleted, then the entity's deletion, which deletes its remaining attribute
+    removed, entity_gone = seen["attributeDeleted"]
+    assert removed["humidity"] == {"type": "Property", "value": NULL}
+    assert set(entity_gone) == {"id", "type", "deletedAt", "temperature"}
+    assert entity_gone["temperature"] == {"type": "Property", "value": NULL}
     # entityUpdated is attributeCreated + attributeUpdated + attributeDeleted (5.2.12), so creation counts too
-    assert [temp(i) for i in seen["entityUpdated"]] == [20, 21, 21, 21] and seen["entityUpdated"][3]["humidity"] == NULL
+    assert [temp(i) for i in seen["entityUpdated"]] == [20, 21, 21, 21] and seen["entityUpdated"][3]["humidity"]["value"] == NULL
     (deleted,) = seen["entityDeleted"]
     assert set(deleted) == {"id", "type", "deletedAt"} and deleted["type"] == "Sensor"
+
+
+def test_deleted_attributes_are_typed_in_normalized_and_bare_in_key_values(api, receiver):
+    """5.2.1: a deleted attribute is urn:ngsi-ld:null as Property value / Relationship object ({"@none": ...} for a
+    LanguageProperty), inside the attribute's normalized object; keyValues and concise show the bare null."""
+    paths = {}
+    for fmt in ("normalized", "keyValues", "concise"):
+        paths[fmt], uri = receiver.endpoint()
+        subscribe(api, uri, notificationTrigger=["attributeDeleted"], notification={"format": fmt})
+    e = "urn:ngsi-ld:Sensor:del"
+    create(api, {**entity(e, temperature=1), "owner": {"type": "Relationship", "object": "urn:ngsi-ld:Person:1"},
+                 "label": {"type": "LanguageProperty", "languageMap": {"en": "x"}}})
+    for name in ("temperature", "owner", "label"):
+        ok(api.delete(f"/entities/{e}/attrs/{name}"))
+    shown = {fmt: [data(r)[0] for r in receiver.wait(path, 3)] for fmt, path in paths.items()}
+    assert [item[name] for item, name in zip(shown["normalized"], ("temperature", "owner", "label"))] == [
+        {"type": "Property", "value": NULL}, {"type": "Relationship", "object": NULL},
+        {"type": "LanguageProperty", "languageMap": {"@none": NULL}}]
+    assert [item[name] for item, name in zip(shown["keyValues"], ("temperature", "owner", "label"))] == [
+        NULL, NULL, {"@none": NULL}]
+    assert [item[name] for item, name in zip(shown["concise"], ("temperature", "owner", "label"))] == [NULL] * 3
+
+
+def test_entity_deletion_deletes_its_attributes(api, receiver):
+    """Deleting an entity deletes its attributes: attributeDeleted fires for a watched one (shown as deleted), and
+    entityDeleted with showChanges lists every attribute with its previous value; plain entityDeleted stays bare."""
+    watched_path, watched_uri = receiver.endpoint()
+    subscribe(api, watched_uri, watchedAttributes=["temperature"], notificationTrigger=["attributeDeleted"])
+    changes_path, changes_uri = receiver.endpoint()
+    subscribe(api, changes_uri, notificationTrigger=["entityDeleted"], notification={"showChanges": True})
+    plain_path, plain_uri = receiver.endpoint()
+    subscribe(api, plain_uri, notificationTrigger=["entityDeleted"])
+    e = "urn:ngsi-ld:Sensor:gone"
+    create(api, {**entity(e, temperature=1, humidity=2), "owner": {"type": "Relationship", "object": "urn:ngsi-ld:P:1"}})
+    ok(api.delete(f"/entities/{e}"))
+    (watched,) = receiver.wait(watched_path, 1)
+    assert set(data(watched)[0]) == {"id", "type", "deletedAt", "temperature"}
+    assert data(watched)[0]["temperature"] == {"type": "Property", "value": NULL}
+    (changes,) = receiver.wait(changes_path, 1)
+    item = data(changes)[0]
+    assert item["id"] == e and item["type"] == "Sensor" and "deletedAt" in item
+    assert item["temperature"] == {"type": "Property", "value": NULL, "previousValue": 1}
+    assert item["humidity"] == {"type": "Property", "value": NULL, "previousValue": 2}
+    assert item["owner"] == {"type": "Relationship", "object": NULL, "previousObject": "urn:ngsi-ld:P:1"}
+    (plain,) = receiver.wait(plain_path, 1)
+    assert set(data(plain)[0]) == {"id", "type", "deletedAt"}
 
 
 def test_watched_attributes(api, receiver):
@@ -295,6 +345,66 @@ def test_entity_selectors_by_id_pattern_and_type(api, receiver):
         found = receiver.wait_for(paths[name], lambda body: body["data"][0]["temperature"]["value"] == 2)
         assert {i["id"] for r in found for i in data(r)} == ids
         assert {i["id"] for i in data(found[-1])} == ids  # the batch: one notification with all its entities
+
+
+def test_entity_type_selection_in_selectors(api, receiver):
+    """5.2.33 / 4.17: an entity selector's type is a type selection: (A|B) and A,B mean either, A;B both."""
+    paths = {}
+    for name, selection in (("bar", "(Building|Tower)"), ("comma", "Building,Tower"), ("and", "Building;Tower")):
+        paths[name], uri = receiver.endpoint()
+        subscribe(api, uri, entities=[{"type": selection}], notificationTrigger=["entityCreated"])
+    create(api, entity("urn:ngsi-ld:Hall:1", "Hall", temperature=1))
+    create(api, entity("urn:ngsi-ld:Building:1", "Building", temperature=1))
+    create(api, entity("urn:ngsi-ld:Tower:1", "Tower", temperature=1))
+    create(api, {**entity("urn:ngsi-ld:BT:1", temperature=1), "type": ["Building", "Tower"]})
+    both = ["urn:ngsi-ld:Building:1", "urn:ngsi-ld:Tower:1", "urn:ngsi-ld:BT:1"]
+    for name in ("bar", "comma"):
+        assert [data(r)[0]["id"] for r in receiver.wait(paths[name], 3)] == both, name
+    assert [data(r)[0]["id"] for r in receiver.wait(paths["and"], 1)] == ["urn:ngsi-ld:BT:1"]
+
+
+def test_scope_q_filters_notifications_and_periodic_ones(api, receiver):
+    """5.2.12 scopeQ (4.19): only entities in scope are notified, on change and periodically."""
+    path, uri = receiver.endpoint()
+    subscribe(api, uri, entities=[{"type": "Shop"}], scopeQ="/Madrid/#", notificationTrigger=["entityCreated"])
+    create(api, {**entity("urn:ngsi-ld:Shop:berlin", "Shop", temperature=1), "scope": "/Berlin"})
+    create(api, {**entity("urn:ngsi-ld:Shop:madrid", "Shop", temperature=1), "scope": "/Madrid/Centro"})
+    assert [data(r)[0]["id"] for r in receiver.wait(path, 1)] == ["urn:ngsi-ld:Shop:madrid"]
+    periodic_path, periodic_uri = receiver.endpoint()
+    subscribe(api, periodic_uri, entities=[{"type": "Shop"}], scopeQ="/Madrid/#", timeInterval=1)
+    assert [i["id"] for i in data(receiver.wait(periodic_path, 1)[0])] == ["urn:ngsi-ld:Shop:madrid"]
+
+
+def test_dataset_id_selects_the_instances_notified(api, receiver):
+    """4.5.5 / 5.2.12 datasetId: only changes of those attribute instances notify, and only they are shown."""
+    french = "urn:ngsi-ld:Dataset:french-name"
+    path, uri = receiver.endpoint()
+    subscribe(api, uri, datasetId=[french])
+    e = "urn:ngsi-ld:Sensor:ds"
+    create(api, {"id": e, "type": "Sensor", "temperature": {"type": "Property", "value": 1},
+                 "name": [{"type": "Property", "value": "house"},
+                          {"type": "Property", "value": "maison", "datasetId": french}]})
+    patch(api, e, temperature=2)  # the default instance of another attribute: not notified
+    ok(api.send_json("PATCH", f"/entities/{e}/attrs",
+                     {"name": {"type": "Property", "value": "logis", "datasetId": french}}), 204)
+    first, second = receiver.wait(path, 2)
+    assert data(first) == [{"id": e, "type": "Sensor",
+                            "name": {"type": "Property", "value": "maison", "datasetId": french}}]
+    assert data(second)[0]["name"]["value"] == "logis" and "temperature" not in data(second)[0]
+    assert len(receiver.got(path, status=None)) == 2
+
+
+def test_pick_and_omit_shape_the_notified_entities(api, receiver):
+    """4.21 notification.pick / omit: only the members picked, or all but the members omitted."""
+    pick_path, pick_uri = receiver.endpoint()
+    subscribe(api, pick_uri, notification={"pick": ["id", "temperature"]})
+    omit_path, omit_uri = receiver.endpoint()
+    subscribe(api, omit_uri, notification={"omit": ["humidity"]})
+    e = "urn:ngsi-ld:Sensor:po"
+    create(api, entity(e, temperature=1, humidity=2))
+    assert data(receiver.wait(pick_path, 1)[0]) == [{"id": e, "temperature": {"type": "Property", "value": 1}}]
+    assert data(receiver.wait(omit_path, 1)[0]) == [{"id": e, "type": "Sensor",
+                                                     "temperature": {"type": "Property", "value": 1}}]
 
 
 # --------------------------------------------------------------------------------------------- payload
@@ -382,6 +492,48 @@ def test_user_context_compacts_notifications(api, receiver, context_server):
     assert data(plain) == [{"id": "urn:ngsi-ld:Thermometer:1", "type": "Thermo", "temp": {"type": "Property", "value": 7}}]
     (ld,) = receiver.wait(ld_path, 1)
     assert data(ld)[0]["@context"] == ctx_url and data(ld)[0]["temp"]["value"] == 7
+
+
+def test_json_notification_links_the_context_it_was_compacted_with(api, receiver, context_server):
+    """application/json: the Link names the context the data was compacted with, also for an @context array
+    (6.3.5, 5.2.12 jsonldContext); a context no single URL names compacts with (and links) the core context."""
+    ns = "https://example.org/arr#"
+    terms = {"temp": ns + "temperature", "Thermo": ns + "Thermometer"}
+    ctx_url = context_server.publish(f"/ctx/{uuid.uuid4().hex}.jsonld", terms)
+    other_url = context_server.publish(f"/ctx/{uuid.uuid4().hex}.jsonld", {"hum": ns + "humidity"})
+    contexts = {"array": [ctx_url], "with-core": [CORE, ctx_url], "inline": terms, "two-urls": [ctx_url, other_url]}
+    paths = {}
+    for name, context in contexts.items():
+        paths[name], uri = receiver.endpoint()
+        body = {"type": "Subscription", "entities": [{"type": "Thermo"}], "notification": {"endpoint": {"uri": uri}},
+                "@context": context}
+        ok(api.send_json("POST", "/subscriptions", body, content_type="application/ld+json"), 201)
+    create(api, {"id": "urn:ngsi-ld:Thermometer:arr", "type": ns + "Thermometer",
+                 ns + "temperature": {"type": "Property", "value": 7}})
+    for name in ("array", "with-core"):
+        (plain,) = receiver.wait(paths[name], 1)
+        assert plain["headers"]["link"] == link(ctx_url)["Link"], name
+        assert data(plain) == [{"id": "urn:ngsi-ld:Thermometer:arr", "type": "Thermo",
+                                "temp": {"type": "Property", "value": 7}}], name
+    for name in ("inline", "two-urls"):
+        (plain,) = receiver.wait(paths[name], 1)
+        assert plain["headers"]["link"] == link(CORE)["Link"], name
+        assert data(plain) == [{"id": "urn:ngsi-ld:Thermometer:arr", "type": ns + "Thermometer",
+                                ns + "temperature": {"type": "Property", "value": 7}}], name
+
+
+def test_patched_q_is_expanded_with_the_patch_context(api, receiver, context_server):
+    """5.8.2: names in an update are expanded with the update's @context, q included (not the creation one)."""
+    ns = "https://example.org/pq#"
+    ctx_url = context_server.publish(f"/ctx/{uuid.uuid4().hex}.jsonld", {"aql": ns + "airQualityLevel"})
+    path, uri = receiver.endpoint()
+    sub_id = subscribe(api, uri, entities=[{"type": "Building"}])  # the core context
+    ok(api.send_json("PATCH", f"/subscriptions/{sub_id}", {"q": "aql>3"}, headers=link(ctx_url)), 204)
+    assert api.get(f"/subscriptions/{sub_id}", headers=link(ctx_url)).json()["q"] == "aql>3"
+    e = "urn:ngsi-ld:Building:pq"
+    create(api, {"id": e, "type": "Building", ns + "airQualityLevel": {"type": "Property", "value": 1}})
+    ok(api.send_json("PATCH", f"/entities/{e}/attrs", {ns + "airQualityLevel": {"type": "Property", "value": 9}}), 204)
+    assert values(receiver.wait(path, 1), ns + "airQualityLevel") == [9]
 
 
 def test_receiver_info_headers_and_tenant(api, receiver):
@@ -601,6 +753,21 @@ def test_endpoint_answering_500_then_ok_gets_everything_in_order(own_api, receiv
     assert len(set(ids)) == 4 and {r["body"]["id"] for r in failed} == {ids[0]}
     status = wait_subscription(own_api, sub_id, lambda b: b["notification"].get("status") == "ok")["notification"]
     assert "lastSuccess" in status and "lastFailure" in status and status["timesSent"] >= 4 + len(failed)
+
+
+def test_endpoint_cooldown_spaces_the_retries(own_api, receiver):
+    """5.2.15 cooldown: after a failure, no attempt to the endpoint before cooldown ms have passed."""
+    receiver.status = 500
+    path, uri = receiver.endpoint()
+    subscribe(own_api, uri, notification={"endpoint": {"cooldown": 2500}})
+    create(own_api, entity("urn:ngsi-ld:Sensor:cool", temperature=1))
+    receiver.wait(path, 1, status=500)
+    failed_at = time.monotonic()
+    time.sleep(1.5)  # without the cooldown the backoff (0.25 to 0.5 s, then 0.5 to 1 s) would retry meanwhile
+    assert len(receiver.got(path, status=None)) == 1
+    receiver.status = 200
+    assert values(receiver.wait(path, 1)) == [1]
+    assert time.monotonic() - failed_at >= 2.4 and len(receiver.got(path, status=None)) == 2
 
 
 def test_a_joined_notification_is_retried_under_its_own_id(own_api, receiver):
