@@ -62,10 +62,19 @@ def machine_info() -> dict:
             "kernel": platform.release()}
 
 
+def python_speed() -> float:
+    """Seconds this machine takes for a pure-Python loop of 10 million additions (compare machines with it)."""
+    started = time.perf_counter()
+    total = 0
+    for n in range(10_000_000):
+        total += n
+    return time.perf_counter() - started
+
+
 def print_machine(store_label: str) -> None:
     m = machine_info()
     print(f"machine : nproc={m['nproc']}  cpu={m['cpu']}  mem={m['mem_gb']} GB  python={m['python']}  "
-          f"kernel={m['kernel']}")
+          f"kernel={m['kernel']}  speed={python_speed():.2f} s per 10M-add loop (lower is faster)")
     print(f"store   : {store_label}")
     if (m["nproc"] or 1) <= 4:
         print(f"note    : only {m['nproc']} cores - the load generator (wrk / python client) runs on the same "
