@@ -39,11 +39,11 @@ CORE_MEMBERS = frozenset({"type", "value", "object", "objectList", "languageMap"
                           "previousObjectList", "previousJson", "previousVocab"}) | SYSTEM_MEMBERS
 ENTITY_MEMBERS = frozenset({"id", "type", "@context", "scope", "createdAt", "modifiedAt", "deletedAt"})
 RESERVED_ATTRIBUTE_NAMES = CORE_MEMBERS | ENTITY_MEMBERS  # core member terms no attribute may be named (4.5.1)
-GEOJSON_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon",
-                           "GeometryCollection"})
+GEOJSON_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon"})
 _FORBIDDEN_NAME = re.compile(r"[<>\"'=;()\s\x00-\x1f]")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`]+$")
-_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d+)?)?(Z|[+-]\d{2}:?\d{2})$")
+# clause 4.6.3: every component, seconds with at most six decimals (a comma allowed in requests), always "Z"
+_DATETIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}([.,]\d{1,6})?Z$")
 
 
 def now_iso() -> str:
@@ -67,25 +67,29 @@ def check_uri(value: Any, what: str, owner: str | None = None) -> str:
     return value
 
 
-_VALID_TIMES: dict[str, None] = {}  # DateTimes already checked (readings of one batch share a few timestamps)
+_VALID_TIMES: dict[str, str] = {}  # DateTimes already checked, as stored (readings of one batch share a few)
 _VALID_NAMES: set[str] = set()      # names already checked
 
 
 def check_datetime(value: Any, what: str, owner: str | None = None) -> str:
-    """Return value if it is an ISO 8601 DateTime with a time zone, else raise BadRequestData."""
-    if isinstance(value, str) and value in _VALID_TIMES:
-        return value
+    """Return value as an NGSI-LD DateTime (clause 4.6.3: YYYY-MM-DDThh:mm:ss[.ssssss]Z, in UTC; a decimal comma
+    becomes a point), else raise BadRequestData."""
+    if isinstance(value, str):
+        known = _VALID_TIMES.get(value)
+        if known is not None:
+            return known
     if not isinstance(value, str) or not _DATETIME.match(value):
-        raise BadRequestData(f"{_naming(what, owner)} must be an ISO 8601 DateTime (e.g. 2026-01-01T00:00:00Z), "
-                             f"got {value!r}")
+        raise BadRequestData(f"{_naming(what, owner)} must be a DateTime in UTC, YYYY-MM-DDThh:mm:ss[.ssssss]Z "
+                             f"(clause 4.6.3), got {value!r}")
+    normal = value.replace(",", ".")
     try:
-        datetime.fromisoformat(value.replace("Z", "+00:00"))
+        datetime.fromisoformat(normal.replace("Z", "+00:00"))
     except ValueError:
         raise BadRequestData(f"{_naming(what, owner)} is not a valid DateTime: {value!r}") from None
     if len(_VALID_TIMES) > 10_000:
         _VALID_TIMES.clear()
-    _VALID_TIMES[value] = None
-    return value
+    _VALID_TIMES[value] = normal
+    return normal
 
 
 def check_name(name: Any, what: str = "attribute name") -> str:
@@ -199,7 +203,7 @@ class EntityParser:
                 kind = _infer_kind(raw)
                 if kind is None:
                     return self._property(raw)
-            elif kind in GEOJSON_TYPES and "coordinates" in raw or kind == "GeometryCollection" and "geometries" in raw:
+            elif kind in GEOJSON_TYPES and "coordinates" in raw:
                 raw = {"type": "GeoProperty", "value": raw}
                 kind = "GeoProperty"
             else:
@@ -231,7 +235,7 @@ class EntityParser:
             elif action is _SKIP:
                 continue
             elif action is _OBSERVED_AT:
-                out["observedAt"] = item if item.__class__ is str and item in _VALID_TIMES else \
+                out["observedAt"] = (_VALID_TIMES.get(item) if item.__class__ is str else None) or \
                     check_datetime(item, "observedAt", name)
             elif action is _UNIT_CODE:
                 if not isinstance(item, str) or not item:

@@ -158,10 +158,10 @@ def validate_subscription(body: Any, terms: TermMap, context: Any, *, now: str, 
             raise BadRequestData("isActive must be true or false")
         out["isActive"] = body["isActive"]
     if "expiresAt" in body:
-        check_datetime(body["expiresAt"], "expiresAt")
-        if parse_time(body["expiresAt"]) <= datetime.now(timezone.utc):
+        expires = check_datetime(body["expiresAt"], "expiresAt")
+        if parse_time(expires) <= datetime.now(timezone.utc):
             raise BadRequestData("expiresAt is in the past")
-        out["expiresAt"] = body["expiresAt"]
+        out["expiresAt"] = expires
     if "jsonldContext" in body:
         out["jsonldContext"] = check_uri(body["jsonldContext"], "jsonldContext")
     if "localOnly" in body:

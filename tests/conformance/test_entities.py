@@ -146,6 +146,27 @@ def test_create_with_invalid_observed_at_is_bad_request_data(api):
     assert_problem(api.post_json("/entities", body), 400, "BadRequestData")
 
 
+@pytest.mark.parametrize("stamp", ["2026-08-10T12:00:00+02:00", "2026-08-10T12:00Z", "2026-08-10T12:00:00",
+                                   "2026-08-10T12:00:00.1234567Z"])
+def test_observed_at_must_be_a_complete_utc_datetime(api, stamp):
+    """4.6.3: YYYY-MM-DDThh:mm:ss[.ssssss]Z: every component, at most six decimals, always "Z" (UTC)."""
+    body = vehicle(speed={"type": "Property", "value": 55, "observedAt": stamp})
+    assert_problem(api.post_json("/entities", body), 400, "BadRequestData")
+
+
+def test_observed_at_with_a_decimal_comma_is_accepted_and_returned_with_a_point(api):
+    """4.6.3: "In requests, also a comma instead of a decimal point may be used as separator"."""
+    create(api, vehicle(speed={"type": "Property", "value": 55, "observedAt": "2026-08-10T12:00:00,250Z"}))
+    assert get(api)["speed"]["observedAt"] == "2026-08-10T12:00:00.250Z"
+
+
+def test_geometry_collection_value_is_bad_request_data(api):
+    """4.6.3: values may be "All the GeoJSON Geometries with the exception of GeometryCollection"."""
+    collection = {"type": "GeometryCollection", "geometries": [{"type": "Point", "coordinates": [1, 2]}]}
+    assert_problem(api.post_json("/entities", vehicle(location={"type": "GeoProperty", "value": collection})),
+                   400, "BadRequestData")
+
+
 def test_create_with_two_instances_sharing_a_dataset_id_is_bad_request_data(api):
     """4.5.5: instances of a multi-attribute are told apart by datasetId, which must be unique per attribute."""
     body = vehicle(speed=[{"type": "Property", "value": 1, "datasetId": "urn:ngsi-ld:ds:a"},
