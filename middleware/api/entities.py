@@ -327,7 +327,8 @@ async def _attribute_write(entity_id: str, attr: str, request: Request, *, repla
         op = _sub_attributes_patch_op(entity_id, name, EntityParser(ctx.terms), body)
     else:
         instances = EntityParser(ctx.terms).attribute(attr, body, allow_null=not replace)
-        op = Broker.attr_patch_op(entity_id, name, instances, replace=replace)
+        typed = any(isinstance(item, dict) and "type" in item for item in (body if isinstance(body, list) else [body]))
+        op = Broker.attr_patch_op(entity_id, name, instances, replace=replace, typed=typed)
     await _mutate_existing(request, ctx, entity_id, op)
     return Response(status_code=204)
 

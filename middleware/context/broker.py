@@ -17,8 +17,8 @@ import orjson
 from ..history.recorder import record
 from ..store.base import Candidates, Change, Store, geo_entries
 from .errors import AlreadyExists, BadRequestData, NgsiLdError, NonexistentTenant, ResourceNotFound
-from .geo import GeoQuery
-from .model import NULL_URI, now_iso, stamp
+from .geo import GeoQuery, validate_geojson
+from .model import NULL_URI, VALUE_MEMBER, now_iso, stamp
 from .query import Query
 from .typeexpr import TypeSelection
 
@@ -295,8 +295,9 @@ class Broker:
         return fn
 
     @staticmethod
-    def attr_patch_op(entity_id: str, name: str, instances: list[dict], *, replace: bool) -> Mutation:
-        """Partially update (merge, urn:ngsi-ld:null deletes) or replace one attribute's instances by datasetId; 404 if absent."""
+    def attr_patch_op(entity_id: str, name: str, instances: list[dict], *, replace: bool, typed: bool = True) -> Mutation:
+        """Partially update (merge, urn:ngsi-ld:null deletes) or replace one attribute's instances by datasetId; 404 if
+        absent. typed: the fragment named its type (else it takes the attribute's, e.g. {"value": ...} of a GeoProperty)."""
         def fn(doc, now):
             if doc is None:
                 raise ResourceNotFound(f"entity {entity_id} not found")
@@ -312,8 +313,12 @@ class Broker:
                     existing = [old for old in existing if old is not match]
                     continue
                 if not replace and inst["type"] != match["type"]:  # 5.6.4.4: a partial update keeps the type
-                    raise BadRequestData(f"attribute {name} is a {match['type']}: a partial update cannot make it "
-                                         f"a {inst['type']} (replace the attribute instead)")
+                    if typed or VALUE_MEMBER[inst["type"]] != VALUE_MEMBER[match["type"]]:
+                        raise BadRequestData(f"attribute {name} is a {match['type']}: a partial update cannot make it "
+                                             f"a {inst['type']} (replace the attribute instead)")
+                    inst = dict(inst, type=match["type"])  # an untyped fragment keeps the attribute's type
+                    if inst["type"] == "GeoProperty":
+                        validate_geojson(inst["value"])
                 new = stamp(inst, now, match["createdAt"]) if replace else merge_instance(match, inst, now)
                 existing = [new if old is match else old for old in existing]
             if existing:

@@ -38,7 +38,10 @@ CORE_MEMBERS = frozenset({"type", "value", "object", "objectList", "languageMap"
                           "previousValue", "previousObject", "previousLanguageMap", "previousValueList",
                           "previousObjectList", "previousJson", "previousVocab"}) | SYSTEM_MEMBERS
 ENTITY_MEMBERS = frozenset({"id", "type", "@context", "scope", "createdAt", "modifiedAt", "deletedAt"})
-RESERVED_ATTRIBUTE_NAMES = CORE_MEMBERS | ENTITY_MEMBERS  # core member terms no attribute may be named (4.5.1)
+# an attribute cannot bear the name of an entity member (in a body these are the entity's own members). The
+# attribute-member terms (value, observedAt, unitCode, ...) are not refused: v1.8 does not forbid them as
+# attribute names, and devices publish readings named "value" that IoT Agents pass through unchanged
+RESERVED_ATTRIBUTE_NAMES = ENTITY_MEMBERS
 GEOJSON_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon"})
 _FORBIDDEN_NAME = re.compile(r"[<>\"'=;()\s\x00-\x1f]")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`]+$")
@@ -106,9 +109,9 @@ def check_name(name: Any, what: str = "attribute name") -> str:
 
 
 def check_attribute_name(name: Any) -> str:
-    """check_name for an attribute name, which must not be a core NGSI-LD member term either (clause 4.5.1)."""
+    """check_name for an attribute name in a URL, which must not be an entity member (id, type, scope, ...)."""
     if name in RESERVED_ATTRIBUTE_NAMES:
-        raise BadRequestData(f"invalid attribute name {name!r}: it is a core NGSI-LD term (clause 4.5.1)")
+        raise BadRequestData(f"invalid attribute name {name!r}: it is an entity member, not an attribute")
     return check_name(name)
 
 
@@ -164,8 +167,8 @@ class EntityParser:
         for name, raw in body.items():
             if name in ENTITY_MEMBERS:
                 continue
-            if name not in _VALID_NAMES or name in RESERVED_ATTRIBUTE_NAMES:
-                check_attribute_name(name)
+            if name not in _VALID_NAMES:
+                check_name(name)
             iri = expand(name)
             if iri in attrs:
                 raise BadRequestData(f"attribute {name!r} is given twice")

@@ -127,8 +127,10 @@ def notification_context(doc: dict) -> tuple[Any, bool]:
     return context, linked and context_link(context) is None
 
 
-def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: TermMap) -> Compiled:
-    """Parse a stored subscription's selectors, q and geoQ once (out_terms compact per notification_context)."""
+def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: TermMap,
+                         geo_terms: TermMap | None = None) -> Compiled:
+    """Parse a stored subscription's selectors, q and geoQ once (terms expand q, geo_terms geoQ, terms if None;
+    out_terms compact per notification_context)."""
     context, unlinkable = notification_context(doc)
     if unlinkable:  # compacted with the core context (service.compile), so the core Link describes the data
         url, value = CORE_CONTEXT_URL, CORE_CONTEXT_URL
@@ -147,7 +149,8 @@ def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: Term
         compiled.q = parse_q(doc["q"], terms.expand)
     if "geoQ" in doc:
         geo = doc["geoQ"]
-        compiled.geo = parse_geoq(geo["georel"], geo["geometry"], geo["coordinates"], geo.get("geoproperty"), terms.expand)
+        compiled.geo = parse_geoq(geo["georel"], geo["geometry"], geo["coordinates"], geo.get("geoproperty"),
+                                 (geo_terms or terms).expand)
     if "scopeQ" in doc:
         compiled.scope = parse_scopeq(doc["scopeQ"])
     if "datasetId" in doc:

@@ -34,7 +34,7 @@ _KNOWN = frozenset({"id", "type", "subscriptionName", "description", "entities",
                     "@context"}) | READ_ONLY
 
 
-QUERY_CONTEXT = "@queryContext"  # the @context q and geoQ were written with, when not the creation one
+QUERY_CONTEXT = "@queryContext"  # {"q"|"geoQ": the @context a PATCH wrote it with}, when not the creation one
 
 
 def new_subscription_id() -> str:

@@ -68,10 +68,12 @@ class SubscriptionService:
 
     async def compile(self, tenant: str, doc: dict) -> Compiled:
         """Compile a stored subscription with its @context (and jsonldContext) resolved."""
-        terms = await self.contexts.resolve(doc.get(QUERY_CONTEXT, doc.get("@context")))
+        written = doc.get(QUERY_CONTEXT) or {}  # q and geoQ set by a PATCH: the @context each was written with
+        terms = await self.contexts.resolve(written.get("q", doc.get("@context")))
+        geo_terms = await self.contexts.resolve(written.get("geoQ", doc.get("@context")))
         context, unlinkable = notification_context(doc)
         out_terms = await self.contexts.resolve(None if unlinkable else context)
-        return compile_subscription(tenant, doc, terms, out_terms)
+        return compile_subscription(tenant, doc, terms, out_terms, geo_terms)
 
     async def _load(self) -> None:
         """Build the index from every stored subscription."""
@@ -88,31 +90,42 @@ class SubscriptionService:
             marks.popleft()  # marks[0] stays the newest look at least the window old
         since = marks[0][1] if marks else -1
         total, stamps = await self.store.subscription_stamps(since)
+        await self._index_changed(stamps)
+        if total != len(self._stamps):  # deleted, or stamped out of the window (a clock step): compare them all
+            _, every = await self.store.subscription_stamps(-1)
+            present = {(tenant, sub_id) for tenant, sub_id, _ in every}
+            for key in [key for key in self._stamps if key not in present]:
+                self._forget(*key)
+            await self._index_changed(every)
+        marks.append((now, max((stamp for _, _, stamp in stamps), default=since)))
+
+    async def _index_changed(self, stamps: list[tuple[str, str, int]]) -> None:
+        """(Re)index the subscriptions whose stamp differs from the one the index was built from."""
         for tenant, sub_id, stamp in stamps:
             if self._stamps.get((tenant, sub_id)) != stamp:
                 record = await self.store.get_subscription(tenant, sub_id)
                 if record is not None:
                     await self._index_record(record, stamp)
-        if total != len(self._stamps):  # some were deleted (by another process, or by this one)
-            present = {(tenant, sub_id) for tenant, sub_id, _ in (await self.store.subscription_stamps(-1))[1]}
-            for key in [key for key in self._stamps if key not in present]:
-                self._forget(*key)
-        marks.append((now, max((stamp for _, _, stamp in stamps), default=since)))
 
     async def _index_record(self, record: SubscriptionRecord, stamp: int) -> None:
         """(Re)compile one stored subscription into the index, keeping when it last notified."""
         key = (record.tenant, record.id)
         self._stamps[key] = stamp
-        self._next_periodic.pop(key, None)
+        old = self.index.get(*key)
+        if old is not None and old.doc == record.doc:
+            return  # this process made the change (or saw it already): nothing to compile, its schedule stands
         try:
             compiled = await self.compile(record.tenant, record.doc)
         except Exception:
             log.exception("subscription %s cannot be compiled; it will not notify", record.id)
             self.index.remove(*key)
             return
+        if self._stamps.get(key) != stamp:
+            return  # deleted (or changed again) while it compiled: the later look decides
         old = self.index.get(*key)
         if old is not None:
             compiled.last_notified = old.last_notified
+        self._next_periodic.pop(key, None)
         self.index.add(compiled)
 
     def _forget(self, tenant: str, sub_id: str) -> None:
@@ -162,8 +175,13 @@ class SubscriptionService:
         else:
             doc = validate_subscription(merged, terms, record.doc.get("@context"), now=now_iso(), sub_id=sub_id)
         doc["createdAt"] = record.doc["createdAt"]
-        written = context if "q" in fragment or "geoQ" in fragment else record.doc.get(QUERY_CONTEXT, doc["@context"])
-        if written != doc["@context"]:
+        written = dict(record.doc.get(QUERY_CONTEXT) or {})  # per member: q and geoQ keep their own @context
+        for member in ("q", "geoQ"):
+            if member in fragment:
+                written[member] = context
+            if member not in doc or written.get(member, doc["@context"]) == doc["@context"]:
+                written.pop(member, None)
+        if written:
             doc[QUERY_CONTEXT] = written
         compiled = await self._compile_checked(tenant, doc)
         if not await self.store.put_subscription(tenant, sub_id, doc, create=False):

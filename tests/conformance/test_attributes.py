@@ -619,35 +619,26 @@ def test_scope_as_target_attribute_is_bad_request_data(api):
 
 # ------------------------------------------------------------------------------------------------ 4.6.2 / 4.5.1 attribute names
 
-RESERVED = ["datasetId", "instanceId", "observedAt", "unitCode", "value", "object", "objectList", "languageMap",
-            "valueList", "json", "vocab", "objectType", "lang", "previousValue"]
-
-
-def test_keyword_as_attribute_or_type_name_is_bad_request_data(api):
-    """4.6.2 (ETSI 055_03_03): a name starting with @ (a JSON-LD keyword) is BadRequestData, in the URL or the body."""
+def test_entity_member_as_attribute_name_in_a_url_is_bad_request_data(api):
+    """An entity member (id, type, scope, createdAt, ...) is no attribute: the attribute routes refuse it by name."""
     setup_vehicle(api)
-    assert_problem(api.send_json("PUT", f"{ATTRS}/@invalid", {"type": "Relationship", "object": "urn:ngsi-ld:P:2"}),
-                   400, "BadRequestData")
-    assert_problem(api.post_json(ATTRS, {"@invalid": prop(1)}), 400, "BadRequestData")
-    assert_problem(api.post_json("/entities", {"id": "urn:ngsi-ld:Vehicle:k1", "type": "@Vehicle"}), 400, "BadRequestData")
-    assert "@invalid" not in get(api)
-
-
-def test_core_member_term_as_attribute_name_is_bad_request_data(api):
-    """4.5.1: the core member terms (datasetId, observedAt, value, ...) cannot name an attribute: create, append
-    and the attribute routes refuse them (in a body createdAt / modifiedAt / deletedAt are the entity's own
-    system members, ignored on input, so only the URL can use them as attribute names)."""
-    setup_vehicle(api)
-    for name in RESERVED:
-        entity = {"id": "urn:ngsi-ld:Vehicle:r1", "type": "Vehicle", name: prop(1)}
-        assert_problem(api.post_json("/entities", entity), 400, "BadRequestData")
-        assert_problem(api.post_json(ATTRS, {name: prop(1)}), 400, "BadRequestData")
     for method in ("PUT", "PATCH"):
-        for name in ("observedAt", "createdAt"):
+        for name in ("id", "type", "createdAt"):
             assert_problem(api.send_json(method, f"{ATTRS}/{name}", prop(1)), 400, "BadRequestData")
-    for name in ("datasetId", "modifiedAt"):
+    for name in ("id", "modifiedAt"):
         assert_problem(api.delete(f"{ATTRS}/{name}"), 400, "BadRequestData")
-    assert api.get("/entities/urn:ngsi-ld:Vehicle:r1").status_code == 404
+
+
+def test_attribute_member_terms_may_name_attributes(api):
+    """v1.8 does not forbid an attribute named like an attribute member (devices publish readings named "value",
+    which IoT Agents pass through): such attributes are created, read, changed and deleted like any other."""
+    setup_vehicle(api)
+    assert api.post_json(ATTRS, {"value": prop(21.5), "observedAt": prop("x")}).status_code == 204
+    assert get(api)["value"] == prop(21.5)
+    assert api.send_json("PATCH", f"{ATTRS}/value", {"value": 22.0}).status_code == 204
+    assert get(api)["value"] == prop(22.0)
+    assert api.delete(f"{ATTRS}/value").status_code == 204
+    assert "value" not in get(api)
 
 
 def test_names_outside_the_strict_grammar_stay_accepted(api):
@@ -667,6 +658,19 @@ def test_partial_attribute_update_cannot_change_the_attribute_type(api):
     fragment = {"type": "Relationship", "object": "urn:ngsi-ld:Entity:01"}
     assert_problem(api.send_json("PATCH", f"{ATTRS}/speed", fragment), 400, "BadRequestData")
     assert get(api)["speed"] == prop(55, unitCode="KMH")
+
+
+def test_partial_update_without_a_type_keeps_the_attribute_type(api):
+    """5.6.4: a fragment that names no type changes the value of the attribute as it is: {"value": <GeoJSON>}
+    on a GeoProperty stays a GeoProperty (and its value must be a geometry)."""
+    point = {"type": "Point", "coordinates": [127.0, 37.5]}
+    setup_vehicle(api, location={"type": "GeoProperty", "value": {"type": "Point", "coordinates": [126.9, 37.4]}})
+    response = api.send_json("PATCH", f"{ATTRS}/location", {"value": point})
+    assert response.status_code == 204, response.text
+    assert get(api)["location"] == {"type": "GeoProperty", "value": point}
+    assert_problem(api.send_json("PATCH", f"{ATTRS}/location", {"value": {"type": "Point", "coordinates": "here"}}),
+                   400, "BadRequestData")
+    assert get(api)["location"] == {"type": "GeoProperty", "value": point}
 
 
 def test_empty_attribute_fragment_is_bad_request_data(api):
