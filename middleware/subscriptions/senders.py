@@ -98,7 +98,9 @@ class _MqttConnection:
         self.client.on_publish = self._on_publish
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
+        self.client.on_connect_fail = self._on_connect_fail
         self.connected = threading.Event()
+        self.attempted = threading.Event()  # the first connection attempt has ended, either way
         self._pending: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
         self._done: set[int] = set()
         self._lock = threading.Lock()
@@ -107,11 +109,17 @@ class _MqttConnection:
         self.client.loop_start()
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.attempted.set()
         if not reason_code.is_failure:
             self.connected.set()
             log.info("MQTT notifier connected to %s", self.name)
 
+    def _on_connect_fail(self, client, userdata) -> None:
+        self.attempted.set()
+        log.warning("MQTT notifier could not connect to %s; retrying", self.name)
+
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.attempted.set()
         self.connected.clear()
         log.warning("MQTT notifier lost %s (%s); reconnecting", self.name, reason_code)
         with self._lock:
@@ -131,11 +139,12 @@ class _MqttConnection:
     async def publish(self, topic: str, payload: bytes, qos: int, timeout: float) -> None:
         """Publish and wait for the broker's acknowledgement (QoS 1/2) or for the packet to leave (QoS 0).
 
-        A connection still being made (new, or reconnecting) is waited for within the same timeout."""
+        A new connection's first attempt is waited for within the same timeout; a broker known to be down fails
+        at once (the attempt is retried with backoff), so it does not hold a delivery slot for the whole timeout."""
         deadline = asyncio.get_running_loop().time() + timeout
         while not self.connected.is_set():
-            if asyncio.get_running_loop().time() >= deadline:
-                raise DeliveryFailed(f"MQTT broker {self.name} is not connected (waited {timeout} s)")
+            if self.attempted.is_set() or asyncio.get_running_loop().time() >= deadline:
+                raise DeliveryFailed(f"MQTT broker {self.name} is not connected")
             await asyncio.sleep(0.02)
         timeout = max(0.0, deadline - asyncio.get_running_loop().time())
         loop = asyncio.get_running_loop()
