@@ -12,12 +12,15 @@ _TOKEN = re.compile(r"\s*([(),;|]|[^(),;|\s]+)")
 class TypeSelection:
     """A parsed type selection: test an entity's expanded types, and list every type named (for an index prefilter)."""
 
-    def __init__(self, test: Callable[[set[str]], bool], names: list[str]):
+    def __init__(self, test: Callable[[set[str]], bool], names: list[str], single: str | None = None):
         self.test = test
         self.names = names
+        self.single = single  # the one type of a selection without operators (the common case): no set to build
 
     def matches(self, types: list[str]) -> bool:
         """True if the entity's expanded types satisfy the selection."""
+        if self.single is not None:
+            return self.single in types
         return self.test(set(types))
 
 
@@ -74,7 +77,7 @@ def parse_type_selection(text: str, expand: Callable[[str], str]) -> TypeSelecti
     test = parse_or()
     if pos != len(tokens):
         raise BadRequestData(f"type selection {text!r}: unexpected {tokens[pos]!r}")
-    return TypeSelection(test, names)
+    return TypeSelection(test, names, names[0] if len(tokens) == 1 else None)
 
 
 def rename_type_names(text: str, rename: Callable[[str], str]) -> str:
