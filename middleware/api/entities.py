@@ -10,8 +10,7 @@ from fastapi.responses import Response
 from ..context.broker import AttrReport, Broker, QueryResult
 from ..context.errors import BadRequestData, OperationNotSupported, ResourceNotFound, TooManyResults
 from ..context.geo import parse_geoq
-from ..context.model import (ENTITY_MEMBERS, EntityParser, Renderer, check_attribute_name, check_name, check_uri,
-                             expand_types)
+from ..context.model import ENTITY_MEMBERS, EntityParser, Renderer, check_name, check_uri, expand_types
 from ..context.query import parse_q
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection
@@ -139,13 +138,16 @@ def attrs_param(request: Request, ctx: Ctx) -> set[str] | None:
 
 def attr_names(names: list[str], ctx: Ctx) -> set[str]:
     """Expand the attribute names of attrs; entity members (id, type, scope, createdAt, ...) are BadRequestData."""
-    expanded = set()
-    for name in names:
-        iri = ctx.terms.expand(check_name(name))
-        if name in ENTITY_MEMBERS or iri.startswith("@"):
-            raise BadRequestData(f"attrs lists attribute names; {name!r} is an entity member, not an attribute")
-        expanded.add(iri)
-    return expanded
+    return {attribute_iri(name, ctx) for name in names}
+
+
+def attribute_iri(name: str, ctx: Ctx) -> str:
+    """The expanded name of an attribute named in a request (attrs, an attribute URL); an entity member, however
+    it is written (scope, ngsi-ld:scope, its IRI), is BadRequestData."""
+    iri = ctx.terms.expand(check_name(name))
+    if iri.startswith("@") or iri in {ctx.terms.expand(member) for member in ENTITY_MEMBERS}:
+        raise BadRequestData(f"{name!r} is an entity member (id, type, scope, createdAt, ...), not an attribute")
+    return iri
 
 
 def as_geojson(request: Request, ctx: Ctx, rendered: dict, doc: dict) -> dict:
@@ -313,16 +315,13 @@ async def replace_attribute(entity_id: str, attr: str, request: Request) -> Resp
 
 async def _attribute_write(entity_id: str, attr: str, request: Request, *, replace: bool) -> Response:
     check_uri(entity_id, "entity id")
-    check_attribute_name(attr)
     body, media = await read_body(request, merge_patch=not replace)
     ctx = await context_for(request, request.app.state.contexts, body=body, media=media)
+    name = attribute_iri(attr, ctx)  # 5.6.4.4 / 5.6.19.4: scope (an entity member) is no target attribute
     if isinstance(body, dict):
         body = {k: v for k, v in body.items() if k != "@context"}
         if not body:
             raise BadRequestData(f"the fragment for attribute {attr!r} is empty")
-    name = ctx.terms.expand(attr)
-    if name == ctx.terms.expand("scope"):  # 5.6.4.4 / 5.6.19.4
-        raise BadRequestData("scope is not an attribute: change it with PATCH or POST /entities/{id}/attrs")
     if not replace and _only_sub_attributes(body):
         op = _sub_attributes_patch_op(entity_id, name, EntityParser(ctx.terms), body)
     else:
@@ -369,13 +368,13 @@ def _placeholder(kind: str) -> Any:
 async def delete_attribute(entity_id: str, attr: str, request: Request) -> Response:
     """Delete an attribute (5.6.5): the default instance, ?datasetId=, or ?deleteAll=true; 404 if absent."""
     check_uri(entity_id, "entity id")
-    check_attribute_name(attr)
     ctx = await context_for(request, request.app.state.contexts)
+    name = attribute_iri(attr, ctx)
     dataset_id = request.query_params.get("datasetId")
     if dataset_id is not None:
         check_uri(dataset_id, "datasetId")
     delete_all = request.query_params.get("deleteAll") == "true"
-    op = Broker.attr_delete_op(entity_id, ctx.terms.expand(attr), dataset_id, delete_all)
+    op = Broker.attr_delete_op(entity_id, name, dataset_id, delete_all)
     await _mutate_existing(request, ctx, entity_id, op)
     return Response(status_code=204)
 

@@ -38,10 +38,6 @@ CORE_MEMBERS = frozenset({"type", "value", "object", "objectList", "languageMap"
                           "previousValue", "previousObject", "previousLanguageMap", "previousValueList",
                           "previousObjectList", "previousJson", "previousVocab"}) | SYSTEM_MEMBERS
 ENTITY_MEMBERS = frozenset({"id", "type", "@context", "scope", "createdAt", "modifiedAt", "deletedAt"})
-# an attribute cannot bear the name of an entity member (in a body these are the entity's own members). The
-# attribute-member terms (value, observedAt, unitCode, ...) are not refused: v1.8 does not forbid them as
-# attribute names, and devices publish readings named "value" that IoT Agents pass through unchanged
-RESERVED_ATTRIBUTE_NAMES = ENTITY_MEMBERS
 GEOJSON_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon", "MultiPolygon"})
 _FORBIDDEN_NAME = re.compile(r"[<>\"'=;()\s\x00-\x1f]")
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:[^\s<>\"{}|\\^`]+$")
@@ -106,13 +102,6 @@ def check_name(name: Any, what: str = "attribute name") -> str:
         _VALID_NAMES.clear()
     _VALID_NAMES.add(name)
     return name
-
-
-def check_attribute_name(name: Any) -> str:
-    """check_name for an attribute name in a URL, which must not be an entity member (id, type, scope, ...)."""
-    if name in RESERVED_ATTRIBUTE_NAMES:
-        raise BadRequestData(f"invalid attribute name {name!r}: it is an entity member, not an attribute")
-    return check_name(name)
 
 
 def expand_types(value: Any, terms: TermMap) -> list[str]:
