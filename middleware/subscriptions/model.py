@@ -18,6 +18,7 @@ from ..context.geo import parse_geoq
 from ..context.jsonld import TermMap
 from ..context.model import NULL_URI, check_datetime, check_name, check_uri
 from ..context.query import parse_q
+from ..context.projection import check_dataset_ids, projection
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import parse_type_selection, rename_type_names
 
@@ -167,7 +168,8 @@ def validate_subscription(body: Any, terms: TermMap, context: Any, *, now: str, 
     if "localOnly" in body:
         out["localOnly"] = bool(body["localOnly"])
     if "datasetId" in body:
-        out["datasetId"] = _dataset_ids(body["datasetId"])
+        value = body["datasetId"]  # an array of URIs (a single string is one item)
+        out["datasetId"] = check_dataset_ids([value] if isinstance(value, str) else value)
     out["notification"] = _notification(body.get("notification"), terms)
     out["@context"] = context
     out["createdAt"] = body.get("createdAt", now) if sub_id else now
@@ -198,29 +200,15 @@ def _selector(selector: Any, terms: TermMap) -> dict:
     return out
 
 
-def _dataset_ids(value: Any) -> list[str]:
-    """datasetId (4.5.5): an array of URIs, "@none" naming the default instance (a single string is one item)."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list) or not items:
-        raise BadRequestData("datasetId must be a URI or a non-empty array of URIs (\"@none\": the default instance)")
-    return [item if item == "@none" else check_uri(item, "datasetId") for item in items]
-
-
 _ENTITY_MEMBERS = ("id", "type", "scope")  # members pick/omit may name besides attributes (4.21)
 
 
 def _projection(value: Any, what: str, terms: TermMap) -> list[str]:
-    """notification.pick / omit: entity members and attribute names (expanded); nested projections are refused."""
-    items = value.split(",") if isinstance(value, str) else value
-    if not isinstance(items, list) or not items or not all(isinstance(i, str) and i.strip() for i in items):
-        raise BadRequestData(f"{what} must be a non-empty array of names")
-    out = []
-    for item in (i.strip() for i in items):
-        if any(c in item for c in "{}|;"):
-            raise OperationNotSupported(f"{what}: only plain attribute names (and id, type, scope) are supported, "
-                                        f"not the projection {item!r}")
-        out.append(item if item in _ENTITY_MEMBERS else terms.expand(check_name(item, what)))
-    return out
+    """notification.pick / omit (4.21, as the query API parses them): entity members and expanded attribute names."""
+    names = projection(value, what) if value is not None else None
+    if names is None:
+        raise BadRequestData(f"{what} must be a string or a non-empty array of names")
+    return [name if name in _ENTITY_MEMBERS else terms.expand(name) for name in names]
 
 
 def _notification(params: Any, terms: TermMap) -> dict:
