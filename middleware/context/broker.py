@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Iterable
 
 import orjson
 
-from ..history.recorder import record
+from ..history.recorder import record, to_micros
 from ..store.base import Candidates, Change, Store, geo_entries
 from .errors import AlreadyExists, BadRequestData, NgsiLdError, NonexistentTenant, ResourceNotFound
 from .geo import GeoQuery, validate_geojson
@@ -47,6 +47,14 @@ class QueryResult:
     entities: list[dict]
     total: int
     more: bool = False
+
+
+@dataclass
+class Late:
+    """A mutation's result together with history-only steps: (stored doc, doc holding the late instances) pairs."""
+
+    result: Any
+    steps: list[tuple[dict, dict]]
 
 
 class Broker:
@@ -91,6 +99,7 @@ class Broker:
             now = request_now or now_iso()
             state: dict[str, tuple[dict | None, int | None, dict | None]] = {}
             trail: dict[str, list[dict | None]] = {}  # the states an entity passed through between ops of this call
+            late_steps: list[tuple[dict, dict]] = []  # history-only changes (Late)
             for entity_id in ids:
                 found = stored.get(entity_id)
                 state[entity_id] = (found.doc, found.version, found.doc) if found else (None, None, None)
@@ -104,6 +113,9 @@ class Broker:
                 except NgsiLdError as error:
                     results[index] = error
                     continue
+                if isinstance(result, Late):  # readings older than the stored ones: recorded, not applied
+                    late_steps.extend(result.steps)
+                    result = result.result
                 results[index] = result
                 if current is not original and new_doc is not current:  # (an op editing in place returns current)
                     trail.setdefault(entity_id, []).append(current)  # an earlier op's state: history keeps it too
@@ -130,10 +142,11 @@ class Broker:
                     changes.append(Change("update", entity_id, current, version, current["type"], original["type"],
                                           geo_entries(current), geo_entries(original)))
                 events.append((original, current))
-            if not changes:
+            if not changes and not (late_steps and self.recorder is not None):
                 return results
             planned: list = []
 
+            steps.extend(late_steps)
             recorded = self.recorder(steps, now) if self.recorder is not None else []  # before the write locks
 
             def plan(conflicted: set, events=events, planned=planned, now=now, recorded=recorded) -> list:
@@ -194,16 +207,24 @@ class Broker:
         return fn
 
     @staticmethod
-    def append_op(fragment: dict, *, no_overwrite: bool, must_exist: bool, only_existing: bool = False) -> Mutation:
-        """Append attributes (overwriting unless no_overwrite); only_existing gives update semantics (null deletes)."""
-        def fn(doc, now):
-            if doc is None:
+    def append_op(fragment: dict, *, no_overwrite: bool, must_exist: bool, only_existing: bool = False,
+                  keep_newer: bool = False) -> Mutation:
+        """Append attributes (overwriting unless no_overwrite); only_existing gives update semantics (null deletes).
+
+        keep_newer (device readings): an instance observed before the stored one it would replace is late: it goes
+        to the history only, and the stored one stays (see late_instances)."""
+        def fn(stored, now):
+            if stored is None:
                 if must_exist:
                     raise ResourceNotFound(f"entity {fragment['id']} not found")
                 return new_entity(fragment, now), "created"
-            doc = editable(doc)
+            attrs = fragment["attrs"]
+            late: dict[str, list[dict]] = {}
+            if keep_newer:
+                attrs, late = late_instances(stored, attrs)
+            doc = editable(stored)
             report = AttrReport()
-            for name, instances in fragment["attrs"].items():
+            for name, instances in attrs.items():
                 existing = doc["attrs"].get(name)
                 if only_existing and existing is None:
                     report.not_updated.append((name, "attribute does not exist"))
@@ -244,7 +265,17 @@ class Broker:
                     doc["scope"] = fragment["scope"]
             if report.updated or "type" in fragment:
                 doc["modifiedAt"] = now
-            return doc, report
+            if not late:
+                return doc, report
+            held = editable(stored)
+            for name, instances in late.items():
+                held["attrs"][name] = put_instances(stored["attrs"][name], instances, now,
+                                                    stamped=fragment.get("stampedAt") == now)
+            report.not_updated.extend((name, "observed before the stored instance (kept in the history)")
+                                      for name in late if name not in attrs)
+            retyped = any(type_iri not in stored["type"] for type_iri in fragment.get("type", ()))
+            changed = attrs or retyped or "scope" in fragment
+            return (doc if changed else stored), Late(report, [(stored, held)])
         fn.builds_new = True
         return fn
 
@@ -426,6 +457,53 @@ def new_entity(fragment: dict, now: str) -> dict:
     if "scope" in fragment:
         doc["scope"] = fragment["scope"]
     return doc
+
+
+def late_instances(stored: dict, attrs: dict[str, list[dict]]) -> tuple[dict[str, list[dict]], dict[str, list[dict]]]:
+    """Split a fragment's attributes into (to apply, late): an instance is late when it was observed before the
+    stored instance of the same datasetId. An instance without observedAt (dateObserved, say) belongs to its reading:
+    it is late, if the entity has it, when the fragment's newest observedAt is older than the newest stored one of
+    the attributes the fragment sets."""
+    observed = _observed_micros
+    stored_attrs = stored["attrs"]
+    verdicts: dict[tuple[str, str | None], bool] = {}
+    untimed: list[tuple[str, dict]] = []
+    newest_stored = newest_fragment = None
+    for name, instances in attrs.items():
+        previous = {old.get("datasetId"): old for old in stored_attrs.get(name, ())}
+        for inst in instances:
+            when = observed(inst)
+            if when is None:
+                untimed.append((name, inst))
+                continue
+            newest_fragment = when if newest_fragment is None else max(newest_fragment, when)
+            old = previous.get(inst.get("datasetId"))
+            before = observed(old) if old is not None else None
+            if before is not None:
+                newest_stored = before if newest_stored is None else max(newest_stored, before)
+            verdicts[(name, inst.get("datasetId"))] = before is not None and when < before
+    if not any(verdicts.values()):
+        return attrs, {}
+    older = newest_stored is not None and newest_fragment < newest_stored  # the reading is older than the entity's
+    for name, inst in untimed:
+        stored_has = any(old.get("datasetId") == inst.get("datasetId") for old in stored_attrs.get(name, ()))
+        verdicts[(name, inst.get("datasetId"))] = older and stored_has
+    apply: dict[str, list[dict]] = {}
+    late: dict[str, list[dict]] = {}
+    for name, instances in attrs.items():
+        for inst in instances:
+            (late if verdicts[(name, inst.get("datasetId"))] else apply).setdefault(name, []).append(inst)
+    return apply, late
+
+
+def _observed_micros(inst: dict) -> int | None:
+    value = inst.get("observedAt")
+    if value is None:
+        return None
+    try:
+        return to_micros(value)
+    except ValueError:
+        return None
 
 
 def editable(doc: dict) -> dict:

@@ -283,7 +283,8 @@ class Ingest:
                         except NgsiLdError as exc:
                             prepared.reject(who, f"invalid-entity: {exc}")
                             continue
-                        ops.append((fragment["id"], Broker.append_op(fragment, no_overwrite=False, must_exist=False)))
+                        ops.append((fragment["id"], Broker.append_op(fragment, no_overwrite=False, must_exist=False,
+                                                                          keep_newer=True)))
                         owners.append(who)
                 results = await _retrying(f"commit of {len(ops)} entities", self.broker.mutate, tenant, ops, now)
                 for result, who in zip(results, owners):

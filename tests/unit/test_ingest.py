@@ -3,9 +3,11 @@ and the MQTT adapter's pure helpers."""
 from __future__ import annotations
 
 import time
+import uuid
 
 import orjson
 import pytest
+import pytest_asyncio
 
 from adapters.mqtt import IOTA_TOPICS, Endpoint, claim_client_id, shared
 from middleware.codecs import ProfileLibrary
@@ -18,7 +20,7 @@ from middleware.store import open_store
 from middleware.store.base import HistoryQuery
 
 PROFILE = ("entity_type: AirQualityObserved\ninterval: 0.2\ntransports: {mqtt: {topics: ['dust/{device_id}/up']}}\n"
-           "codec: {format: json}\nattributes:\n  - {name: pm10, unitCode: GQ}\n  - {name: seq, type: integer}\n")
+           "codec: {format: json, timestamp: {source: ts, format: epoch_ms}}\nattributes:\n  - {name: pm10, unitCode: GQ}\n  - {name: seq, type: integer}\n")
 
 
 class Registry:
@@ -61,17 +63,37 @@ class Recorder:
         return Uplink("mqtt", "test", topic, body, time.time(), ack)
 
 
-@pytest.fixture
-async def parts(tmp_path):
+async def _parts(tmp_path, url: str):
     (tmp_path / "dust.yaml").write_text(PROFILE)
-    store = open_store(f"sqlite:///{tmp_path}/store.db")
+    store = open_store(url)
     await store.open()
     broker = Broker(store)
     registry, letters = Registry(), Letters()
     ingest = Ingest(broker, registry, Profiles(ProfileLibrary.load(tmp_path).profiles), letters,
                     ContextResolver().core, max_payload=200)
-    yield ingest, broker, registry, letters
-    await store.close()
+    return ingest, broker, registry, letters
+
+
+@pytest.fixture
+async def parts(tmp_path):
+    """The ingest stage on a fresh SQLite store."""
+    made = await _parts(tmp_path, f"sqlite:///{tmp_path}/store.db")
+    yield made
+    await made[1].store.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request, tmp_path):
+    """A fresh SQLite file, then the session's PostgreSQL database."""
+    return f"sqlite:///{tmp_path}/store.db" if request.param == "sqlite" else request.getfixturevalue("pg_database")
+
+
+@pytest_asyncio.fixture(loop_scope="function")  # the test's own loop: the asyncpg pool must live on it
+async def both(store_url, tmp_path):
+    """The ingest stage on each store, and a device id of its own (the PostgreSQL database is shared)."""
+    made = await _parts(tmp_path, store_url)
+    yield (*made, "d" + uuid.uuid4().hex[:8])
+    await made[1].store.close()
 
 
 async def run(ingest: Ingest, uplinks: list[Uplink]) -> None:
@@ -106,6 +128,67 @@ async def test_every_reading_of_a_batch_reaches_the_history(parts):
                                                        attrs={ingest.terms.expand("seq")}))
     assert [orjson.loads(row.instance)["value"] for row in rows] == list(range(20))
     assert [row.seq for row in rows] == sorted(row.seq for row in rows) and len({row.seq for row in rows}) == 20
+
+
+def _values(rows) -> list:
+    return [orjson.loads(row.instance)["value"] for row in sorted(rows, key=lambda row: row.observed_at)]
+
+
+async def test_a_late_reading_goes_to_the_history_only(both):
+    """A reading observed before the one the entity holds (two workers, a device's buffer) is acked and kept in the
+    history, but the entity keeps the newer values and its dateObserved, changes no version and notifies nobody."""
+    ingest, broker, registry, letters, device = both
+    rec = Recorder()
+    entity_id = f"urn:ngsi-ld:AirQualityObserved:{device}"
+    pm10, date = ingest.terms.expand("pm10"), ingest.terms.expand("dateObserved")
+    await run(ingest, [rec.uplink(f"/k/{device}/attrs", {"pm10": 2, "ts": 1_700_000_002_000}, 0)])
+    before = await broker.store.get("", [entity_id])
+    heard = []
+
+    async def listener(tenant, events):
+        heard.extend(events)
+    broker.listeners.append(listener)
+    await run(ingest, [rec.uplink(f"/k/{device}/attrs", {"pm10": 1, "ts": 1_700_000_001_000}, 1)])
+    after = await broker.store.get("", [entity_id])
+    assert after[entity_id].version == before[entity_id].version
+    assert after[entity_id].doc == before[entity_id].doc
+    assert after[entity_id].doc["attrs"][pm10][0]["value"] == 2
+    assert after[entity_id].doc["attrs"][date][0]["value"]["@value"] == "2023-11-14T22:13:22.000Z"
+    assert [new["id"] for _old, new in heard if new["type"][0].endswith("AirQualityObserved")] == []
+    rows = await broker.store.history("", HistoryQuery([entity_id], attrs={pm10}))
+    assert _values(rows) == [1, 2]
+    assert rec.acked == [0, 1] and letters.letters == []
+
+
+async def test_a_late_reading_still_sets_what_the_entity_lacks(both):
+    """Only instances older than the stored ones are held back: an attribute the entity does not have yet is set."""
+    ingest, broker, _registry, _letters, device = both
+    rec = Recorder()
+    entity_id = f"urn:ngsi-ld:AirQualityObserved:{device}"
+    pm10, seq, date = (ingest.terms.expand(name) for name in ("pm10", "seq", "dateObserved"))
+    await run(ingest, [rec.uplink(f"/k/{device}/attrs", {"pm10": 2, "ts": 1_700_000_002_000}, 0)])
+    await run(ingest, [rec.uplink(f"/k/{device}/attrs", {"pm10": 1, "seq": 7, "ts": 1_700_000_001_000}, 1)])
+    doc = (await broker.store.get("", [entity_id]))[entity_id].doc
+    assert doc["attrs"][pm10][0]["value"] == 2 and doc["attrs"][seq][0]["value"] == 7
+    assert doc["attrs"][date][0]["value"]["@value"] == "2023-11-14T22:13:22.000Z"  # of the newest reading
+    assert _values(await broker.store.history("", HistoryQuery([entity_id], attrs={pm10}))) == [1, 2]
+
+
+async def test_readings_out_of_order_in_one_batch_and_at_the_same_time(both):
+    """In one batch too the newest observation wins; a reading at the same observedAt replaces the stored one."""
+    ingest, broker, _registry, _letters, device = both
+    rec = Recorder()
+    entity_id = f"urn:ngsi-ld:AirQualityObserved:{device}"
+    pm10 = ingest.terms.expand("pm10")
+    await run(ingest, [rec.uplink(f"/k/{device}/attrs", {"pm10": n, "ts": ts}, n)
+                       for n, ts in ((3, 1_700_000_003_000), (1, 1_700_000_001_000), (2, 1_700_000_002_000))])
+    doc = (await broker.store.get("", [entity_id]))[entity_id].doc
+    assert doc["attrs"][pm10][0]["value"] == 3
+    await run(ingest, [rec.uplink(f"/k/{device}/attrs", {"pm10": 30, "ts": 1_700_000_003_000}, 3)])
+    doc = (await broker.store.get("", [entity_id]))[entity_id].doc
+    assert doc["attrs"][pm10][0]["value"] == 30
+    assert _values(await broker.store.history("", HistoryQuery([entity_id], attrs={pm10}))) == [1, 2, 3, 30]
+    assert rec.acked == [3, 1, 2, 3]
 
 
 async def test_failures_are_dead_letters_and_still_acked(parts):
