@@ -271,10 +271,7 @@ class Broker:
             for name, instances in late.items():
                 held["attrs"][name] = put_instances(stored["attrs"][name], instances, now,
                                                     stamped=fragment.get("stampedAt") == now)
-            report.not_updated.extend((name, "observed before the stored instance (kept in the history)")
-                                      for name in late if name not in attrs)
-            retyped = any(type_iri not in stored["type"] for type_iri in fragment.get("type", ()))
-            changed = attrs or retyped or "scope" in fragment
+            changed = attrs or doc["type"] != stored["type"] or "scope" in fragment
             return (doc if changed else stored), Late(report, [(stored, held)])
         fn.builds_new = True
         return fn
