@@ -197,13 +197,8 @@ class Server:
         return self.process.pid
 
     def rss_mb(self) -> float:
-        try:
-            for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS"):
-                    return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return float("nan")
+        """Resident memory of the server and its child processes (the notification delivery process), MB."""
+        return rss_mb(self.pid)
 
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -226,6 +221,46 @@ class Server:
             print(f"kept: {self.workdir} {self._pg_db or ''}")
 
 
+# ------------------------------------------------------------------ the server's processes
+
+def tree(pid: int) -> list[int]:
+    """A process and all its descendants (the uvicorn workers of `--workers N`), from /proc."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                todo += [int(child) for child in (task / "children").read_text().split()]
+            except OSError:
+                pass
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and its descendants (from /proc)."""
+    total = 0
+    for member in tree(pid):
+        try:
+            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def rss_mb(pid: int) -> float:
+    """Resident memory of a process and its descendants, MB."""
+    total = 0
+    for member in tree(pid):
+        try:
+            total += next(int(line.split()[1]) for line in Path(f"/proc/{member}/status").read_text().splitlines()
+                          if line.startswith("VmRSS"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
 # ------------------------------------------------------------------ profiling
 
 class Profiler:
@@ -245,7 +280,7 @@ class Profiler:
         self.raw = out / f"{self.name}.txt"
         for fmt, path in (("flamegraph", self.svg), ("raw", self.raw)):
             self.procs.append(subprocess.Popen(
-                [pyspy, "record", "--pid", str(self.server.pid), "--rate", "200", "--format", fmt, "-o", str(path),
+                [pyspy, "record", "--pid", str(self.server.pid), "--subprocesses", "--rate", "200", "--format", fmt, "-o", str(path),
                  "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         time.sleep(1.0)
         return self

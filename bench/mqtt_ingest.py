@@ -109,44 +109,6 @@ def _epoch(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
-def tree(pid: int) -> list[int]:
-    """A process and all its descendants (the uvicorn workers of `--workers N`), from /proc."""
-    pids, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        pids.append(current)
-        for task in Path(f"/proc/{current}/task").glob("*"):
-            try:
-                todo += [int(child) for child in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its descendants (from /proc)."""
-    total = 0
-    for member in tree(pid):
-        try:
-            fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process and its descendants, MB."""
-    total = 0
-    for member in tree(pid):
-        try:
-            total += next(int(line.split()[1]) for line in Path(f"/proc/{member}/status").read_text().splitlines()
-                          if line.startswith("VmRSS"))
-        except (OSError, StopIteration):
-            pass
-    return total / 1024
-
-
 def committed(url: str) -> float:
     """The middleware's committed-measurements counter."""
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
@@ -210,7 +172,7 @@ def main() -> None:
 
         if args.workers > 1:
             time.sleep(2.5)  # every worker has picked the latency subscription up (each looks every 2 s)
-        cpu0 = cpu_seconds(server.pid)
+        cpu0 = common.cpu_seconds(server.pid)
         base = committed(server.url)
         series: list[tuple[float, float]] = []
         stop = threading.Event()
@@ -235,7 +197,7 @@ def main() -> None:
             finished = time.time()
             stop.set()
             sampler.join()
-        cpu = cpu_seconds(server.pid) - cpu0
+        cpu = common.cpu_seconds(server.pid) - cpu0
         time.sleep(1.0)  # the last notifications
 
         docs = []
@@ -265,7 +227,7 @@ def main() -> None:
               f"p99 {common.fmt_ms(common.percentile(upper, 99))} ({len(upper)} samples, upper bound); "
               f"publish → modifiedAt of the last value p50 {common.fmt_ms(common.percentile(lower, 50))} "
               f"p99 {common.fmt_ms(common.percentile(lower, 99))} ({len(lower)} devices, lower bound)")
-        print(f"server  : {cpu / max(done, 1) * 1e6:,.1f} µs CPU per message ({cpu:.1f} s CPU), RSS {rss_mb(server.pid):.0f} MB")
+        print(f"server  : {cpu / max(done, 1) * 1e6:,.1f} µs CPU per message ({cpu:.1f} s CPU), RSS {common.rss_mb(server.pid):.0f} MB")
         ok = done == result["sent"] and wrong == 0
         print(f"target  : {TARGET} -> {steady:,.0f}/s, p99 {common.fmt_ms(common.percentile(upper, 99))} "
               f"({'MET' if ok and steady >= 10_000 and common.percentile(upper, 99) < 0.2 else 'MISSED'})"

@@ -309,9 +309,8 @@ def outbox_pending(server: common.Server) -> int | None:
 
 
 def proc_cpu(pid: int) -> float:
-    """utime + stime (s) of a process from /proc."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """utime + stime (s) of the server and its child processes (the notification delivery process), from /proc."""
+    return common.cpu_seconds(pid)
 
 
 # ------------------------------------------------------------------ paced open-loop PATCH load

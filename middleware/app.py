@@ -146,7 +146,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.subscriptions = SubscriptionService(
             store, app.state.broker, app.state.contexts, timeout=settings.notify_timeout,
             max_attempts=settings.notify_max_attempts, backoff_max=settings.notify_backoff_max,
-            join_backlog=settings.notify_join_backlog)
+            join_backlog=settings.notify_join_backlog, log_level=settings.log_level,
+            delivery_store=settings.store if settings.notify_process and ":memory:" not in settings.store else None)
         await app.state.subscriptions.start()
         app.state.forwarder = forwarder_from_settings(settings, store, app.state.contexts.core.compact)  # issue 5
         if app.state.forwarder is not None:

@@ -33,6 +33,7 @@ def main() -> None:
 @click.option("--notify-max-attempts", type=int, default=None, help=_help("notify_max_attempts"))
 @click.option("--notify-backoff-max", type=float, default=None, help=_help("notify_backoff_max"))
 @click.option("--notify-join-backlog", type=int, default=None, help=_help("notify_join_backlog"))
+@click.option("--notify-process/--no-notify-process", default=None, help=_help("notify_process"))
 @click.option("--log-level", default=None, help=_help("log_level"))
 @click.option("--workers", type=int, default=None, help=_help("workers"))
 @click.option("--mqtt-enabled/--no-mqtt", default=None, help=_help("mqtt_enabled"))

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
                                      "notifications of one subscription (its endpoint is slower than its updates), "
                                      "consecutive ones of distinct entities are sent joined in one notification "
                                      "(0: never)")
+    notify_process: bool = Field(True, description="deliver notifications from a child process of its own, so "
+                                 "that sending them takes no CPU from the API and ingest (false: this process sends "
+                                 "them; an in-memory SQLite store always does)")
     log_level: str = Field("info", description="debug, info, warning or error")
     workers: int = Field(1, description="uvicorn worker processes; they share the store (SQLite in WAL mode or PostgreSQL)")
     mqtt_enabled: bool = Field(True, description="ingest device uplinks over MQTT (IoT Agent JSON topics and profile topics)")

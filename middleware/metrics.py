@@ -72,9 +72,10 @@ def deadletter(reason: str) -> None:
     DEADLETTERS.labels(reason=reason_code(reason)).inc()
 
 
-def notification(ok: bool) -> None:
-    """Count one notification delivered (ok) or given up / failed (not ok)."""
-    NOTIFICATIONS.labels(outcome="sent" if ok else "failed").inc()
+def notification(ok: bool, n: int = 1) -> None:
+    """Count n notifications delivered (ok) or given up / failed (not ok)."""
+    if n > 0:
+        NOTIFICATIONS.labels(outcome="sent" if ok else "failed").inc(n)
 
 
 def notifications_joined(rows: int, notifications: int) -> None:

@@ -103,6 +103,12 @@ class Dispatcher:
             self.workers[key] = asyncio.create_task(self._work(key, signal))
         signal.set()
 
+    async def ready(self) -> None:
+        """Nothing to wait for: delivery runs in this process (DeliveryProcess.ready waits for its child)."""
+
+    def changed(self, tenant: str, sub_id: str) -> None:
+        """A subscription changed: nothing to do here, as lookup reads the index that holds the change."""
+
     # ---------------------------------------------------------------- background loops
 
     async def _recover_forever(self, interval: float) -> None:

@@ -127,16 +127,22 @@ def notification_context(doc: dict) -> tuple[Any, bool]:
     return context, linked and context_link(context) is None
 
 
+def link_url(doc: dict) -> str:
+    """The @context URL that the Link header (or MQTT metadata) of a subscription's notifications names."""
+    context, unlinkable = notification_context(doc)
+    return CORE_CONTEXT_URL if unlinkable else context_link(context) or CORE_CONTEXT_URL
+
+
 def compile_subscription(tenant: str, doc: dict, terms: TermMap, out_terms: TermMap,
                          geo_terms: TermMap | None = None) -> Compiled:
     """Parse a stored subscription's selectors, q and geoQ once (terms expand q, geo_terms geoQ, terms if None;
     out_terms compact per notification_context)."""
     context, unlinkable = notification_context(doc)
     if unlinkable:  # compacted with the core context (service.compile), so the core Link describes the data
-        url, value = CORE_CONTEXT_URL, CORE_CONTEXT_URL
+        value = CORE_CONTEXT_URL
     else:
-        url, value = context_link(context) or CORE_CONTEXT_URL, context if context is not None else CORE_CONTEXT_URL
-    compiled = Compiled(tenant, doc["id"], doc, terms, out_terms, url, value)
+        value = context if context is not None else CORE_CONTEXT_URL
+    compiled = Compiled(tenant, doc["id"], doc, terms, out_terms, link_url(doc), value)
     compiled.selectors = [(s.get("id"), re.compile(s["idPattern"]) if "idPattern" in s and "id" not in s else None,
                            parse_type_selection(s["type"], str)) for s in doc.get("entities", ())]  # names stored expanded
     if "watchedAttributes" in doc:

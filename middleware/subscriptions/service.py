@@ -13,6 +13,7 @@ from ..context.jsonld import ContextResolver
 from ..context.model import now_iso
 from ..store.base import OutboxRow, Store, SubscriptionRecord
 from .delivery import Dispatcher
+from .delivery_process import DeliveryProcess
 from .matcher import (Compiled, Planner, SubscriptionIndex, compile_subscription, notification_context,
                       notification_payload, render_for)
 from .model import QUERY_CONTEXT, merge_fragment, validate_subscription
@@ -30,14 +31,19 @@ class SubscriptionService:
 
     def __init__(self, store: Store, broker: Broker, contexts: ContextResolver, *, timeout: float = 10.0,
                  max_attempts: int = 20, backoff_max: float = 60.0, refresh_interval: float = 2.0,
-                 join_backlog: int = 10):
+                 join_backlog: int = 10, delivery_store: str | None = None, log_level: str = "info"):
+        """With delivery_store (the store's URL), a child process delivers the notifications; else this one does."""
         self.store = store
         self.broker = broker
         self.contexts = contexts
         self.index = SubscriptionIndex()
-        self.dispatcher = Dispatcher(store, self.index.get, timeout=timeout, max_attempts=max_attempts,
-                                     backoff_max=backoff_max,
-                                     join_backlog=join_backlog)
+        options = {"timeout": timeout, "max_attempts": max_attempts, "backoff_max": backoff_max,
+                   "join_backlog": join_backlog}
+        self.dispatcher: Dispatcher | DeliveryProcess
+        if delivery_store:
+            self.dispatcher = DeliveryProcess(delivery_store, options, log_level)
+        else:
+            self.dispatcher = Dispatcher(store, self.index.get, **options)
         self.refresh_interval = refresh_interval
         # what the index was built from: each subscription's change stamp, and (time, newest stamp seen) per look
         self._stamps: dict[tuple[str, str], int] = {}
@@ -51,6 +57,7 @@ class SubscriptionService:
         self.broker.planner = Planner(self.index)
         self.broker.on_outbox = self._queued
         self.dispatcher.start()
+        await self.dispatcher.ready()
         self._tasks = [asyncio.create_task(self._refresh_forever()), asyncio.create_task(self._periodic_forever())]
 
     async def close(self) -> None:
@@ -127,12 +134,14 @@ class SubscriptionService:
             compiled.last_notified = old.last_notified
         self._next_periodic.pop(key, None)
         self.index.add(compiled)
+        self.dispatcher.changed(*key)
 
     def _forget(self, tenant: str, sub_id: str) -> None:
         """Drop a deleted subscription from the index."""
         self._stamps.pop((tenant, sub_id), None)
         self._next_periodic.pop((tenant, sub_id), None)
         self.index.remove(tenant, sub_id)
+        self.dispatcher.changed(tenant, sub_id)
 
     async def _refresh_forever(self) -> None:
         """Pick up subscriptions created, changed or deleted by other processes sharing the store."""
@@ -152,6 +161,7 @@ class SubscriptionService:
         if not await self.store.put_subscription(tenant, doc["id"], doc, create=True):
             raise AlreadyExists(f"subscription {doc['id']} already exists")
         self.index.add(compiled)
+        self.dispatcher.changed(tenant, doc["id"])
         return doc["id"]
 
     async def get(self, tenant: str, sub_id: str) -> SubscriptionRecord:
@@ -190,6 +200,7 @@ class SubscriptionService:
         if old is not None:
             compiled.last_notified = old.last_notified
         self.index.add(compiled)
+        self.dispatcher.changed(tenant, sub_id)
         self._next_periodic.pop((tenant, sub_id), None)
 
     async def delete(self, tenant: str, sub_id: str) -> None:

@@ -669,7 +669,10 @@ def test_notifications_piled_up_behind_a_slow_endpoint_are_joined_in_order(api, 
     assert _entity_values(delivered) == [[(ids[0], 0)], [(e, n) for n, e in enumerate(ids) if n], [(ids[1], 100)]]
     assert len({r["body"]["id"] for r in delivered}) == 3
     wait_subscription(api, sub_id, lambda b: b["notification"].get("timesSent") == 3)
-    after = _joined_counts(api)
+    # the delivery process reports its counts to /metrics every 20 ms
+    deadline = time.monotonic() + 2
+    while (after := _joined_counts(api))["rows"] - before["rows"] < 14 and time.monotonic() < deadline:
+        time.sleep(0.02)
     assert (after["rows"] - before["rows"], after["notifications"] - before["notifications"]) == (14, 1)
 
 
