@@ -106,7 +106,7 @@ class Dispatcher:
     async def ready(self) -> None:
         """Nothing to wait for: delivery runs in this process (DeliveryProcess.ready waits for its child)."""
 
-    def changed(self, tenant: str, sub_id: str) -> None:
+    async def changed(self, tenant: str, sub_id: str, doc: dict | None) -> None:
         """A subscription changed: nothing to do here, as lookup reads the index that holds the change."""
 
     # ---------------------------------------------------------------- background loops

@@ -1,19 +1,21 @@
 """Delivery in a child process of its own, so that sending notifications does not take the API process's CPU.
 
 The API process decides and queues notifications (the outbox rows are committed with the entity changes, as
-always); a child process runs the Dispatcher against the same store and sends them. With one Python process
-per core-hungry job the two share no interpreter lock: on two cores, delivering the notifications of 10,000
-subscriptions no longer slows the updates that cause them.
+always); a child process runs the Dispatcher against the same store and sends them. The two share no
+interpreter lock, so on two cores delivering notifications slows the updates that cause them far less.
 
 The API process talks to the child over its stdin, one JSON array per line, in the order it made them:
-  ["wake", [[tenant, subscription id], ...]]     rows for these subscriptions were committed
-  ["changed", [[tenant, subscription id], ...]]  these subscriptions were created, changed or deleted here
-The child answers on its stdout: ["ready"] once it has loaded every subscription, then, within 20 ms of
-a change, ["counts", sent, failed, joined rows, joined notifications], its totals so far, which the API process adds to
-its own /metrics. Its log goes to the same stderr. The child ends when its stdin closes (the API process
-stopped or died, SIGKILL included): it records what it delivered and gives its leases back. If the child dies,
-the API process starts another; the outbox holds everything not yet delivered, and the new child's recovery
-scan finds it.
+  ["wake", [[tenant, subscription id], ...]]                 rows for these subscriptions were committed
+  ["changed", n, [[tenant, subscription id, doc|null], ...]]  these subscriptions are now these stored documents
+The child answers on its stdout: ["ready"] once it has loaded every subscription, ["ack", n] once it holds the
+documents of changed message n (the API process waits for that before it renders anything with the change, so
+no notification made after a change goes to the endpoint from before it), and, within 20 ms of a change,
+["counts", sent, failed, joined rows, joined notifications], its totals so far, which the API process adds to
+its own /metrics. Its configuration comes in the environment variable CITYBRIDGE_DELIVERY_CONFIG (not on the
+command line, which every local user can read); its log goes to the same stderr. The child ends when its
+stdin closes (the API process stopped or died, SIGKILL included) or on SIGTERM: it records what it delivered
+and gives its leases back. If the child dies, the API process starts another; the outbox holds everything
+not yet delivered, and the new child's recovery scan finds it.
 """
 from __future__ import annotations
 
@@ -32,9 +34,10 @@ from .. import metrics
 log = logging.getLogger("citybridge.notify")
 
 Key = tuple[str, str]  # (tenant, subscription id)
-_RESTART_DELAY = 1.0
+CONFIG_VARIABLE = "CITYBRIDGE_DELIVERY_CONFIG"
+_RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after the first, second, ... death in a row
+_ACK_TIMEOUT = 10.0
 _COUNTS_EVERY = 0.02
-_REFRESH_EVERY = 2.0
 
 
 class DeliveryProcess:
@@ -45,12 +48,16 @@ class DeliveryProcess:
         self.options = options  # keyword arguments of the child's Dispatcher
         self.log_level = log_level
         self.owner = f"citybridge-{uuid.uuid4().hex}"  # for the leases this process takes itself (periodic ones)
-        self._messages: list[tuple[str, dict[Key, None]]] = []  # in order; consecutive ones of a kind merged
+        # not yet written, in order: ("wake", {key: None}) or ("changed", {key: doc}, [futures]); runs merged
+        self._messages: list[tuple] = []
         self._flush_scheduled = False
         self._process: asyncio.subprocess.Process | None = None
         self._reader: asyncio.Task | None = None
+        self._acks: dict[int, list[asyncio.Future]] = {}  # changed messages written, not yet acknowledged
+        self._next_ack = 0
         self._counted = [0, 0, 0, 0]  # the current child's totals already added to /metrics
-        self._ready: asyncio.Event | None = None
+        self._ready: asyncio.Event | None = None  # set once the first child is ready
+        self._child_ready = False  # the current child said it is ready
         self._closing = False
 
     def start(self) -> None:
@@ -66,7 +73,7 @@ class DeliveryProcess:
             waiting.cancel()
             if self._reader in done:
                 self._reader.result()  # raises what stopped it
-            raise RuntimeError(f"the notification delivery process did not start in {timeout:.0f} s")
+            raise RuntimeError(f"the notification delivery process did not start in {timeout:.0f} s (see its log)")
 
     async def close(self) -> None:
         """Close the child's stdin and wait for it to record its deliveries and end (killed after 15 s)."""
@@ -82,22 +89,37 @@ class DeliveryProcess:
                 process.kill()
                 await process.wait()
         if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
+            try:  # the child's last counts line is still to be read
+                await asyncio.wait_for(asyncio.shield(self._reader), 5)
+            except (asyncio.TimeoutError, Exception):
+                self._reader.cancel()
+                await asyncio.gather(self._reader, return_exceptions=True)
+        self._answer_all()
 
     def wake(self, tenant: str, sub_id: str) -> None:
         """Ask the child to deliver this subscription's pending rows."""
-        self._send("wake", (tenant, sub_id))
-
-    def changed(self, tenant: str, sub_id: str) -> None:
-        """Tell the child that this subscription was created, changed or deleted (before any later wake)."""
-        self._send("changed", (tenant, sub_id))
-
-    def _send(self, kind: str, key: Key) -> None:
-        if self._messages and self._messages[-1][0] == kind:
-            self._messages[-1][1][key] = None
+        if self._messages and self._messages[-1][0] == "wake":
+            self._messages[-1][1][(tenant, sub_id)] = None
         else:
-            self._messages.append((kind, {key: None}))
+            self._messages.append(("wake", {(tenant, sub_id): None}))
+        self._schedule()
+
+    async def changed(self, tenant: str, sub_id: str, doc: dict | None) -> None:
+        """Give the child a subscription's stored document (None: deleted); return once it holds it."""
+        future = asyncio.get_running_loop().create_future()
+        if self._messages and self._messages[-1][0] == "changed":
+            self._messages[-1][1][(tenant, sub_id)] = doc
+            self._messages[-1][2].append(future)
+        else:
+            self._messages.append(("changed", {(tenant, sub_id): doc}, [future]))
+        self._schedule()
+        try:
+            await asyncio.wait_for(asyncio.shield(future), _ACK_TIMEOUT)
+        except asyncio.TimeoutError:
+            log.warning("the notification delivery process did not take subscription %s in %.0f s", sub_id,
+                        _ACK_TIMEOUT)
+
+    def _schedule(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)  # what this loop turn queued goes in one write
@@ -106,43 +128,68 @@ class DeliveryProcess:
         self._flush_scheduled = False
         messages, self._messages = self._messages, []
         process = self._process
-        if not messages or process is None or process.returncode is not None or process.stdin.is_closing():
-            return  # no child right now: the next one's recovery scan finds the rows, and it loads every subscription
+        live = process is not None and process.returncode is None and not process.stdin.is_closing()
+        lines = []
+        for message in messages:
+            if message[0] == "wake":
+                lines.append(orjson.dumps(["wake", list(message[1])]))
+                continue
+            if not live:  # no child right now: the next one loads every subscription from the store
+                _answer(message[2])
+                continue
+            self._next_ack += 1
+            self._acks[self._next_ack] = message[2]
+            lines.append(orjson.dumps(["changed", self._next_ack, [[*key, doc] for key, doc in message[1].items()]]))
+        if not live or not lines:
+            return  # wakes without a child: its successor's recovery scan finds their rows
         try:
-            process.stdin.write(b"".join(orjson.dumps([kind, list(keys)]) + b"\n" for kind, keys in messages))
+            process.stdin.write(b"\n".join(lines) + b"\n")
         except (ConnectionError, RuntimeError):
-            pass  # the child just died: as above
+            self._answer_all()  # the child just died: as above
+
+    def _answer_all(self) -> None:
+        for futures in self._acks.values():
+            _answer(futures)
+        self._acks.clear()
 
     async def _run_forever(self) -> None:
-        """Run a child; start another if it dies (unless closing)."""
+        """Run a child; start another if it dies (unless closing), waiting longer after each death in a row."""
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child's counts reach /metrics through this process
-        config = orjson.dumps({"store": self.store_url, "options": self.options, "log_level": self.log_level})
+        env[CONFIG_VARIABLE] = orjson.dumps({"store": self.store_url, "options": self.options,
+                                             "log_level": self.log_level}).decode()
+        deaths = 0
         while not self._closing:
             try:
                 self._process = await asyncio.create_subprocess_exec(
-                    sys.executable, "-m", "middleware.subscriptions.delivery_process", config.decode(),
+                    sys.executable, "-m", "middleware.subscriptions.delivery_process",
                     stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, env=env, limit=1 << 20)
             except OSError:
-                log.exception("the notification delivery process cannot be started; trying again")
-                await asyncio.sleep(_RESTART_DELAY)
-                continue
-            self._counted = [0, 0, 0, 0]
-            try:
-                async for line in self._process.stdout:
-                    self._receive(orjson.loads(line))
-            finally:
-                code = await self._process.wait()
-            if self._closing:
-                return
-            log.error("the notification delivery process ended (exit code %s); starting another", code)
-            await asyncio.sleep(_RESTART_DELAY)
+                log.exception("the notification delivery process cannot be started")
+            else:
+                self._counted = [0, 0, 0, 0]
+                self._child_ready = False
+                try:
+                    async for line in self._process.stdout:
+                        try:
+                            self._receive(orjson.loads(line))
+                        except Exception:  # a stray line must not stop the reading (the child would block)
+                            log.warning("unexpected line from the notification delivery process: %r", line[:200])
+                finally:
+                    code = await self._process.wait()
+                    self._answer_all()
+                if self._closing:
+                    return
+                if self._child_ready:
+                    deaths = 0  # it ran: this is no crash loop
+                log.error("the notification delivery process ended (exit code %s); starting another", code)
+            delay = _RESTART_DELAYS[min(deaths, len(_RESTART_DELAYS) - 1)]
+            deaths += 1
+            await asyncio.sleep(delay)
 
     def _receive(self, message: list) -> None:
-        if message[0] == "ready":
-            self._ready.set()
-            log.info("notifications are delivered by process %d", self._process.pid)
-        elif message[0] == "counts":
+        kind = message[0]
+        if kind == "counts":
             totals = message[1:]
             sent, failed, rows, joined = (now - before for now, before in zip(totals, self._counted))
             self._counted = totals
@@ -150,6 +197,18 @@ class DeliveryProcess:
             metrics.notification(False, failed)
             if rows or joined:
                 metrics.notifications_joined(rows, joined)
+        elif kind == "ack":
+            _answer(self._acks.pop(message[1], ()))
+        elif kind == "ready":
+            self._child_ready = True
+            self._ready.set()
+            log.info("notifications are delivered by process %d", self._process.pid)
+
+
+def _answer(futures) -> None:
+    for future in futures:
+        if not future.done():
+            future.set_result(None)
 
 
 @dataclass(slots=True)
@@ -161,82 +220,47 @@ class Target:
 
 
 class Targets:
-    """The child's view of the subscriptions, kept current from the API process's messages and the store."""
+    """The child's view of the subscriptions: loaded from the store, then kept as the API process says."""
 
-    def __init__(self, store):
-        self.store = store
+    def __init__(self) -> None:
         self.by_key: dict[Key, Target] = {}
-        self.stamps: dict[Key, int] = {}
-        self._lock = asyncio.Lock()  # a refresh never puts back a document older than one a reload just read
 
     def get(self, tenant: str, sub_id: str) -> Target | None:
         """The subscription's delivery target, None if it is not (or no longer) there."""
         return self.by_key.get((tenant, sub_id))
 
-    async def load(self) -> None:
-        """Every stored subscription."""
-        for record, stamp in await self.store.all_subscriptions():
-            self._put((record.tenant, record.id), record.doc, stamp)
-
-    async def reload(self, keys: list[Key]) -> None:
-        """Read these subscriptions again (changed by the API process)."""
-        async with self._lock:
-            await self._reload(keys)
-
-    async def _reload(self, keys: list[Key]) -> None:
-        for key in keys:
-            record = await self.store.get_subscription(*key)
-            if record is None:
-                self.by_key.pop(key, None)
-                self.stamps.pop(key, None)
-            else:
-                self._put(key, record.doc, None)  # no stamp: the next refresh reads it once more, which is harmless
-
-    async def refresh(self) -> None:
-        """Pick up subscriptions changed by other processes sharing the store (compared by change stamp)."""
-        async with self._lock:
-            await self._refresh()
-
-    async def _refresh(self) -> None:
-        _, stamps = await self.store.subscription_stamps(-1)
-        present = set()
-        for tenant, sub_id, stamp in stamps:
-            key = (tenant, sub_id)
-            present.add(key)
-            if self.stamps.get(key) != stamp:
-                record = await self.store.get_subscription(tenant, sub_id)
-                if record is not None:
-                    self._put(key, record.doc, stamp)
-        for key in [key for key in self.by_key if key not in present]:
-            self.by_key.pop(key, None)
-            self.stamps.pop(key, None)
-
-    def _put(self, key: Key, doc: dict, stamp: int | None) -> None:
+    def put(self, key: Key, doc: dict | None) -> None:
+        """Hold this stored document for the subscription (None: it was deleted)."""
         from .matcher import link_url
-        self.by_key[key] = Target(doc, link_url(doc))
-        if stamp is None:
-            self.stamps.pop(key, None)
+        if doc is None:
+            self.by_key.pop(key, None)
         else:
-            self.stamps[key] = stamp
+            self.by_key[key] = Target(doc, link_url(doc))
+
+    async def load(self, store) -> None:
+        """Every stored subscription."""
+        for record, _stamp in await store.all_subscriptions():
+            self.put((record.tenant, record.id), record.doc)
 
 
-async def _child(config: dict) -> None:
-    """The child's life: load, deliver what the API process says (and what the recovery scan finds), end at EOF."""
+async def _child(config: dict, out) -> None:
+    """The child's life: load, deliver what the API process says (and what the recovery scan finds), then end."""
     from ..store import open_store
     from .delivery import Dispatcher
 
+    loop = asyncio.get_running_loop()
     store = open_store(config["store"])
     await store.open()
-    targets = Targets(store)
-    await targets.load()
+    targets = Targets()
+    await targets.load(store)
     dispatcher = Dispatcher(store, targets.get, **config["options"])
     dispatcher.start()
-    out = sys.stdout.buffer
-    out.write(orjson.dumps(["ready"]) + b"\n")
-    out.flush()
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader(limit=1 << 24)
+    write = _line_writer(out)
+    write(["ready"])
+    reader = asyncio.StreamReader(limit=1 << 26)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)  # as the end of stdin: record, give leases back, end
 
     async def report_forever() -> None:
         last = None
@@ -244,39 +268,43 @@ async def _child(config: dict) -> None:
             await asyncio.sleep(_COUNTS_EVERY)
             counts = _counts()
             if counts != last:
-                out.write(orjson.dumps(["counts", *counts]) + b"\n")
-                out.flush()
+                write(["counts", *counts])
                 last = counts
 
-    async def refresh_forever() -> None:
-        while True:
-            await asyncio.sleep(_REFRESH_EVERY)
-            try:
-                await targets.refresh()
-            except Exception:
-                log.exception("reading the subscriptions again failed")
-
-    tasks = [asyncio.create_task(report_forever()), asyncio.create_task(refresh_forever())]
-    try:
+    async def obey() -> None:
         while line := await reader.readline():
-            kind, keys = orjson.loads(line)
-            keys = [tuple(key) for key in keys]
-            if kind == "changed":
-                await targets.reload(keys)  # before any wake that follows: those rows are rendered after the change
+            message = orjson.loads(line)
+            if message[0] == "changed":
+                for tenant, sub_id, doc in message[2]:
+                    targets.put((tenant, sub_id), doc)
+                write(["ack", message[1]])
             else:
-                for key in keys:
-                    dispatcher.wake(*key)
+                for tenant, sub_id in message[1]:
+                    dispatcher.wake(tenant, sub_id)
+
+    tasks = [asyncio.create_task(report_forever()), asyncio.create_task(obey()), asyncio.create_task(stop.wait())]
+    try:
+        await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_COMPLETED)
+        if tasks[1].done() and tasks[1].exception() is not None:
+            log.error("reading the API process's messages failed", exc_info=tasks[1].exception())
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await dispatcher.close()
-        try:
-            out.write(orjson.dumps(["counts", *_counts()]) + b"\n")
-            out.flush()
-        except (BrokenPipeError, ValueError):
-            pass  # the API process is gone: nobody to count for
+        write(["counts", *_counts()])
         await store.close()
+
+
+def _line_writer(out):
+    """A function writing one JSON line to out; once the API process is gone, writing is a no-op."""
+    def write(message: list) -> None:
+        try:
+            out.write(orjson.dumps(message) + b"\n")
+            out.flush()
+        except (BrokenPipeError, ValueError, OSError):
+            pass  # nobody reads any more: the API process is gone, and stdin's end follows
+    return write
 
 
 def _counts() -> list[int]:
@@ -291,13 +319,15 @@ def _counts() -> list[int]:
 
 
 def main() -> None:
-    """Entry point of the child: python -m middleware.subscriptions.delivery_process '<json config>'."""
+    """Entry point of the child: python -m middleware.subscriptions.delivery_process (config in the environment)."""
     from ..logs import setup_logging
-    config = orjson.loads(sys.argv[1])
+    config = orjson.loads(os.environ.pop(CONFIG_VARIABLE))
     setup_logging(config.get("log_level", "info"))
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the child ends when its stdin does
+    out = os.fdopen(os.dup(sys.stdout.fileno()), "wb")  # the protocol's own copy of stdout
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print from a library goes to the log instead
     import uvloop
-    uvloop.run(_child(config))
+    uvloop.run(_child(config, out))
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ class SubscriptionService:
             _, every = await self.store.subscription_stamps(-1)
             present = {(tenant, sub_id) for tenant, sub_id, _ in every}
             for key in [key for key in self._stamps if key not in present]:
-                self._forget(*key)
+                await self._forget(*key)
             await self._index_changed(every)
         marks.append((now, max((stamp for _, _, stamp in stamps), default=since)))
 
@@ -121,6 +121,7 @@ class SubscriptionService:
         old = self.index.get(*key)
         if old is not None and old.doc == record.doc:
             return  # this process made the change (or saw it already): nothing to compile, its schedule stands
+        await self.dispatcher.changed(*key, record.doc)  # delivery holds it before anything is rendered with it
         try:
             compiled = await self.compile(record.tenant, record.doc)
         except Exception:
@@ -134,14 +135,13 @@ class SubscriptionService:
             compiled.last_notified = old.last_notified
         self._next_periodic.pop(key, None)
         self.index.add(compiled)
-        self.dispatcher.changed(*key)
 
-    def _forget(self, tenant: str, sub_id: str) -> None:
-        """Drop a deleted subscription from the index."""
+    async def _forget(self, tenant: str, sub_id: str) -> None:
+        """Drop a deleted subscription from the index (and from delivery)."""
         self._stamps.pop((tenant, sub_id), None)
         self._next_periodic.pop((tenant, sub_id), None)
         self.index.remove(tenant, sub_id)
-        self.dispatcher.changed(tenant, sub_id)
+        await self.dispatcher.changed(tenant, sub_id, None)
 
     async def _refresh_forever(self) -> None:
         """Pick up subscriptions created, changed or deleted by other processes sharing the store."""
@@ -160,8 +160,8 @@ class SubscriptionService:
         compiled = await self._compile_checked(tenant, doc)
         if not await self.store.put_subscription(tenant, doc["id"], doc, create=True):
             raise AlreadyExists(f"subscription {doc['id']} already exists")
+        await self.dispatcher.changed(tenant, doc["id"], doc)  # delivery holds it before anything is rendered
         self.index.add(compiled)
-        self.dispatcher.changed(tenant, doc["id"])
         return doc["id"]
 
     async def get(self, tenant: str, sub_id: str) -> SubscriptionRecord:
@@ -196,11 +196,11 @@ class SubscriptionService:
         compiled = await self._compile_checked(tenant, doc)
         if not await self.store.put_subscription(tenant, sub_id, doc, create=False):
             raise ResourceNotFound(f"subscription {sub_id} not found")
+        await self.dispatcher.changed(tenant, sub_id, doc)  # delivery holds it before anything is rendered with it
         old = self.index.get(tenant, sub_id)
         if old is not None:
             compiled.last_notified = old.last_notified
         self.index.add(compiled)
-        self.dispatcher.changed(tenant, sub_id)
         self._next_periodic.pop((tenant, sub_id), None)
 
     async def delete(self, tenant: str, sub_id: str) -> None:
@@ -208,7 +208,7 @@ class SubscriptionService:
         if not await self.store.delete_subscription(tenant, sub_id):
             await self.broker.check_tenant(tenant)
             raise ResourceNotFound(f"subscription {sub_id} not found")
-        self._forget(tenant, sub_id)
+        await self._forget(tenant, sub_id)
 
     async def _compile_checked(self, tenant: str, doc: dict) -> Compiled:
         try:

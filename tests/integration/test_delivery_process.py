@@ -137,6 +137,26 @@ def test_a_dead_child_is_replaced_and_what_was_queued_meanwhile_arrives(server, 
     client.close()
 
 
+def test_a_child_stopped_with_sigterm_gives_its_leases_back_and_is_replaced(server, receiver):  # noqa: F811
+    client = Api(server.url, f"t{uuid.uuid4().hex[:12]}")
+    path, uri = receiver.endpoint()
+    sub_id = subscribe(client, uri)
+    e = "urn:ngsi-ld:Sensor:termed"
+    create(client, {"id": e, "type": "Sensor", "temperature": {"type": "Property", "value": 0}})
+    receiver.wait(path, 1)
+    wait_subscription(client, sub_id, lambda body: body["notification"].get("timesSent") == 1)
+    (first,) = delivery_pids(server.process.pid)
+    os.kill(first, signal.SIGTERM)
+    wait_until(lambda: not alive(first), what="the delivery process to end on SIGTERM")
+    started = time.monotonic()
+    patch(client, e, temperature=1)
+    # its lease was given back: the next child sends at once, not after the 10 s a lease takes to run out
+    assert values(receiver.wait(path, 2, timeout=8)) == [0, 1]
+    assert time.monotonic() - started < 8
+    assert server.process.poll() is None
+    client.close()
+
+
 def test_the_child_ends_with_a_killed_middleware(fresh_store):  # noqa: F811
     url, workdir = fresh_store
     server = Middleware(url, workdir)
