@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import orjson
 
 from .. import metrics
+from .matcher import link_url
 
 log = logging.getLogger("citybridge.notify")
 
@@ -91,7 +92,7 @@ class DeliveryProcess:
         if self._reader is not None:
             try:  # the child's last counts line is still to be read
                 await asyncio.wait_for(asyncio.shield(self._reader), 5)
-            except (asyncio.TimeoutError, Exception):
+            except Exception:  # (a timeout included)
                 self._reader.cancel()
                 await asyncio.gather(self._reader, return_exceptions=True)
         self._answer_all()
@@ -231,7 +232,6 @@ class Targets:
 
     def put(self, key: Key, doc: dict | None) -> None:
         """Hold this stored document for the subscription (None: it was deleted)."""
-        from .matcher import link_url
         if doc is None:
             self.by_key.pop(key, None)
         else:
