@@ -107,6 +107,8 @@ class DeliveryProcess:
 
     async def changed(self, tenant: str, sub_id: str, doc: dict | None) -> None:
         """Give the child a subscription's stored document (None: deleted); return once it holds it."""
+        if self._process is None:
+            return  # not started yet: the child loads every subscription from the store when it starts
         future = asyncio.get_running_loop().create_future()
         if self._messages and self._messages[-1][0] == "changed":
             self._messages[-1][1][(tenant, sub_id)] = doc

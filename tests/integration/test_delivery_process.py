@@ -114,16 +114,23 @@ def test_a_changed_endpoint_is_used_by_the_next_notification(server, receiver): 
     client.close()
 
 
-def test_a_dead_child_is_replaced_and_what_was_queued_meanwhile_arrives(server, receiver):  # noqa: F811
+def first_notification_recorded(server: Middleware, receiver, e: str) -> tuple[Api, str, int]:  # noqa: F811
+    """A subscription whose first notification (entity e created, temperature 0) is delivered and recorded;
+    (client, receiver path, pid of the delivery process)."""
     client = Api(server.url, f"t{uuid.uuid4().hex[:12]}")
     path, uri = receiver.endpoint()
     sub_id = subscribe(client, uri)
-    e = "urn:ngsi-ld:Sensor:orphaned"
     create(client, {"id": e, "type": "Sensor", "temperature": {"type": "Property", "value": 0}})
     receiver.wait(path, 1)
     # once its delivery is recorded (within 20 ms) the first notification is not sent again
     wait_subscription(client, sub_id, lambda body: body["notification"].get("timesSent") == 1)
-    (first,) = delivery_pids(server.process.pid)
+    (child,) = delivery_pids(server.process.pid)
+    return client, path, child
+
+
+def test_a_dead_child_is_replaced_and_what_was_queued_meanwhile_arrives(server, receiver):  # noqa: F811
+    e = "urn:ngsi-ld:Sensor:orphaned"
+    client, path, first = first_notification_recorded(server, receiver, e)
     os.kill(first, signal.SIGKILL)
     wait_until(lambda: not alive(first), what="the killed delivery process to end")
     for n in range(1, 4):
@@ -138,14 +145,8 @@ def test_a_dead_child_is_replaced_and_what_was_queued_meanwhile_arrives(server, 
 
 
 def test_a_child_stopped_with_sigterm_gives_its_leases_back_and_is_replaced(server, receiver):  # noqa: F811
-    client = Api(server.url, f"t{uuid.uuid4().hex[:12]}")
-    path, uri = receiver.endpoint()
-    sub_id = subscribe(client, uri)
     e = "urn:ngsi-ld:Sensor:termed"
-    create(client, {"id": e, "type": "Sensor", "temperature": {"type": "Property", "value": 0}})
-    receiver.wait(path, 1)
-    wait_subscription(client, sub_id, lambda body: body["notification"].get("timesSent") == 1)
-    (first,) = delivery_pids(server.process.pid)
+    client, path, first = first_notification_recorded(server, receiver, e)
     os.kill(first, signal.SIGTERM)
     wait_until(lambda: not alive(first), what="the delivery process to end on SIGTERM")
     started = time.monotonic()
