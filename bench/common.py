@@ -237,10 +237,10 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process and its descendants (from /proc)."""
+def cpu_seconds(pid: int, own_only: bool = False) -> float:
+    """User + system CPU time of a process and its descendants (from /proc); own_only: of the process alone."""
     total = 0
-    for member in tree(pid):
+    for member in [pid] if own_only else tree(pid):
         try:
             fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:

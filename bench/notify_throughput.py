@@ -99,19 +99,21 @@ def run_level(args, receiver: Receiver, n_subs: int, load_bodies, pass_bodies) -
         base = subscription_totals(server.url) if docs else {"timesSent": 0, "timesFailed": 0}
 
         # phase 1: batch upserts
-        cpu0 = proc_cpu(server.pid)
+        cpu0, own0 = proc_cpu(server.pid), common.cpu_seconds(server.pid, own_only=True)
         with common.Profiler(server, args.profile, f"notify_throughput_batch_subs{n_subs}"):
             elapsed, lat, statuses = common.post_batches(server.url, pass_bodies, 2)
-        cpu = proc_cpu(server.pid) - cpu0
+        cpu, own = proc_cpu(server.pid) - cpu0, common.cpu_seconds(server.pid, own_only=True) - own0
         n_upd = args.entities * args.rounds
         d = drain(receiver, server)
         b = {"rate": n_upd / elapsed, "elapsed": elapsed, "p50": common.percentile(lat, 50),
              "p99": common.percentile(lat, 99), "statuses": statuses, "server_cpu": cpu / elapsed,
+             "api_cpu": own / elapsed,
              "sent_delta": d["timesSent"] - base["timesSent"], "failed_delta": d["timesFailed"] - base["timesFailed"],
              "rate_incl_drain": n_upd / (elapsed + d["drain_s"]), **d}
         res["batch"] = b
         print(f"batch   : {n_upd:,} entity updates in {elapsed:.2f} s = {b['rate']:,.0f} entities/s (batch p50 "
-              f"{b['p50'] * 1000:.0f} ms, p99 {b['p99'] * 1000:.0f} ms, {statuses}), server CPU {100 * b['server_cpu']:.0f}%; "
+              f"{b['p50'] * 1000:.0f} ms, p99 {b['p99'] * 1000:.0f} ms, {statuses}), server CPU {100 * b['server_cpu']:.0f}% "
+              f"(API process {100 * b['api_cpu']:.0f}%); "
               f"drain {d['drain_s']:.1f} s -> {b['rate_incl_drain']:,.0f} entities/s until all delivered")
         print(f"  notes : {d['notifications']:,} notifications ({d['entities']:,} entities) at the sink, timesSent "
               f"+{b['sent_delta']:,} timesFailed +{b['failed_delta']}, duplicate ids {d['duplicate_ids']}, outbox left "
@@ -122,19 +124,20 @@ def run_level(args, receiver: Receiver, n_subs: int, load_bodies, pass_bodies) -
         receiver.reset()
         script = patch_script(server.workdir, args.entities, args.seed)
         base = subscription_totals(server.url) if docs else {"timesSent": 0, "timesFailed": 0}
-        cpu0 = proc_cpu(server.pid)
+        cpu0, own0 = proc_cpu(server.pid), common.cpu_seconds(server.pid, own_only=True)
         with common.Profiler(server, args.profile, f"notify_throughput_patch_subs{n_subs}"):
             w = common.run_wrk(server.url, script, threads=1, connections=args.connections, duration=args.duration)
-        cpu = proc_cpu(server.pid) - cpu0
+        cpu, own = proc_cpu(server.pid) - cpu0, common.cpu_seconds(server.pid, own_only=True) - own0
         d = drain(receiver, server)
         p = {"rate": w["rps"], "p50": w["p50"], "p99": w["p99"], "requests": w["requests"], "non2xx": w["non2xx"],
              "socket_errors": w["socket_errors"], "server_cpu": cpu / args.duration,
+             "api_cpu": own / args.duration,
              "sent_delta": d["timesSent"] - base["timesSent"], "failed_delta": d["timesFailed"] - base["timesFailed"],
              "rate_incl_drain": w["requests"] / (args.duration + d["drain_s"]), **d}
         res["patch"] = p
         print(f"patch   : {w['requests']:,} PATCHes in {args.duration} s = {w['rps']:,.0f} req/s (p50 {w['p50'] * 1000:.1f} ms, "
               f"p99 {w['p99'] * 1000:.1f} ms, non-2xx {w['non2xx']}{', socket errors ' + w['socket_errors'] if w['socket_errors'] else ''}), "
-              f"server CPU {100 * p['server_cpu']:.0f}%; drain {d['drain_s']:.1f} s -> {p['rate_incl_drain']:,.0f} updates/s "
+              f"server CPU {100 * p['server_cpu']:.0f}% (API process {100 * p['api_cpu']:.0f}%); drain {d['drain_s']:.1f} s -> {p['rate_incl_drain']:,.0f} updates/s "
               f"until all delivered")
         print(f"  notes : {d['notifications']:,} notifications ({d['entities']:,} entities) at the sink, timesSent "
               f"+{p['sent_delta']:,} timesFailed +{p['failed_delta']}, duplicate ids {d['duplicate_ids']}, outbox left "

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from .base import Candidates, Change, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
+from .base import Candidates, Change, FeedRow, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
 from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
 from .base import HistoryQuery, HistoryRow  # history (issue 5)
 from . import sqlite_history, sqlite_write
@@ -35,6 +35,9 @@ CREATE INDEX IF NOT EXISTS subscriptions_by_change ON subscriptions(changed);
 CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL,
     subscription_id TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq);
+-- entity changes the delivery process has still to match against the subscriptions (FeedRow)
+CREATE TABLE IF NOT EXISTS change_feed(seq INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL,
+    tenant TEXT NOT NULL, now TEXT NOT NULL, events BLOB NOT NULL, written REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS delivery_leases(tenant TEXT NOT NULL, subscription_id TEXT NOT NULL, owner TEXT NOT NULL,
     until REAL NOT NULL, PRIMARY KEY(tenant, subscription_id));
 -- device registry and dead letters (issue 4)
@@ -55,6 +58,10 @@ CREATE TABLE IF NOT EXISTS history_cursors(name TEXT PRIMARY KEY, seq INTEGER NO
 """
 
 log = logging.getLogger("citybridge.store.sqlite")
+
+
+class _Taken(Exception):
+    """Another process took some of the FeedRows being claimed (the transaction is rolled back)."""
 
 _CHECKPOINT_EVERY = 0.25  # seconds between the background checkpoints of the WAL
 # The background checkpoints rarely finish while the writer keeps appending, and only a finished one lets the WAL
@@ -311,6 +318,7 @@ class SqliteStore:
         outcomes: list[list[str]] = []
         outbox: list[OutboxRow] = []
         history: list[HistoryRow] = []
+        feed: list[FeedRow] = []
         for pending in round_:
             mine = [c.id for c in pending.changes if c.id in lost] if lost else []
             outcomes.append(mine)
@@ -320,10 +328,17 @@ class SqliteStore:
                 if pending.planned is None or pending.planned[0] != mine:
                     pending.planned = (mine, pending.plan(set(mine)))
                 for row in pending.planned[1]:
-                    (outbox if isinstance(row, OutboxRow) else history).append(row)
+                    if isinstance(row, HistoryRow):
+                        history.append(row)
+                    else:
+                        (outbox if isinstance(row, OutboxRow) else feed).append(row)
         if outbox:
             conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",
                              [(tenant, row.subscription_id, row.payload) for row in outbox])
+        if feed:
+            written = time.time()
+            conn.executemany("INSERT INTO change_feed(owner, tenant, now, events, written) VALUES (?,?,?,?,?)",
+                             [(row.owner, tenant, row.now, row.events, written) for row in feed])
         sqlite_history.append(conn, tenant, history)
         return outcomes
 
@@ -437,6 +452,29 @@ class SqliteStore:
             conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",
                              [(tenant, r.subscription_id, r.payload) for r in rows])
         await self._write_op(run)
+
+    async def feed_next(self, owner: str, orphan_after: float, limit: int) -> list[tuple[int, str, str, bytes]]:
+        """The oldest FeedRows of owner, and of any owner once older than orphan_after seconds:
+        (seq, tenant, now, events)."""
+        return await self._read(lambda: self._rconn.execute(
+            "SELECT seq, tenant, now, events FROM change_feed WHERE owner=? OR written<? ORDER BY seq LIMIT ?",
+            (owner, time.time() - orphan_after, limit)).fetchall())
+
+    async def feed_claim(self, seqs: list[int], rows: list[tuple[str, OutboxRow]]) -> bool:
+        """In one transaction, delete these FeedRows and queue the outbox rows (tenant, row) planned from them, in
+        order; False (and nothing done) if another process took any of them first."""
+        def run(conn):
+            deleted = conn.execute("DELETE FROM change_feed WHERE seq IN (SELECT value FROM json_each(?))",
+                                   (orjson.dumps(seqs).decode(),)).rowcount
+            if deleted != len(seqs):
+                raise _Taken
+            conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",
+                             [(tenant, row.subscription_id, row.payload) for tenant, row in rows])
+        try:
+            await self._write_op(run)
+        except _Taken:
+            return False
+        return True
 
     async def outbox_next(self, tenant: str, sub_id: str, limit: int) -> list[tuple[int, bytes, int]]:
         """The oldest pending notifications of a subscription: (seq, payload, attempts)."""

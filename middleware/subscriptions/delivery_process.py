@@ -20,6 +20,7 @@ not yet delivered, and the new child's recovery scan finds it.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -30,7 +31,8 @@ from dataclasses import dataclass
 import orjson
 
 from .. import metrics
-from .matcher import link_url
+from ..context.jsonld import ContextResolver
+from .matcher import Planner, SubscriptionIndex, compile_stored, link_url
 
 log = logging.getLogger("citybridge.notify")
 
@@ -39,15 +41,19 @@ CONFIG_VARIABLE = "CITYBRIDGE_DELIVERY_CONFIG"
 _RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after the first, second, ... death in a row
 _ACK_TIMEOUT = 10.0
 _COUNTS_EVERY = 0.02
+_FEED_ROWS = 64        # FeedRows matched and claimed together (each holds one write's changes: one PATCH, or a batch)
+_FEED_POLL = 1.0       # seconds between looks at the feed when the API process says nothing
+_ORPHAN_AFTER = 10.0   # a FeedRow of another API process is taken by anyone once this old (that process is gone)
 
 
 class DeliveryProcess:
     """The API process's end: starts the child, passes it wakes and subscription changes, adds its counts."""
 
-    def __init__(self, store_url: str, options: dict, log_level: str = "info"):
+    def __init__(self, store_url: str, options: dict, log_level: str = "info", contexts: dict | None = None):
         self.store_url = store_url
         self.options = options  # keyword arguments of the child's Dispatcher
         self.log_level = log_level
+        self.contexts = contexts or {}  # keyword arguments of the child's ContextResolver
         self.owner = f"citybridge-{uuid.uuid4().hex}"  # for the leases this process takes itself (periodic ones)
         # not yet written, in order: ("wake", {key: None}) or ("changed", {key: doc}, [futures]); runs merged
         self._messages: list[tuple] = []
@@ -105,6 +111,12 @@ class DeliveryProcess:
             self._messages.append(("wake", {(tenant, sub_id): None}))
         self._schedule()
 
+    def feed(self) -> None:
+        """Tell the child that FeedRows of this process were committed (it matches and queues them)."""
+        if not (self._messages and self._messages[-1][0] == "feed"):
+            self._messages.append(("feed",))
+        self._schedule()
+
     async def changed(self, tenant: str, sub_id: str, doc: dict | None) -> None:
         """Give the child a subscription's stored document (None: deleted); return once it holds it."""
         if self._process is None:
@@ -137,6 +149,9 @@ class DeliveryProcess:
             if message[0] == "wake":
                 lines.append(orjson.dumps(["wake", list(message[1])]))
                 continue
+            if message[0] == "feed":
+                lines.append(b'["feed"]')
+                continue
             if not live:  # no child right now: the next one loads every subscription from the store
                 _answer(message[2])
                 continue
@@ -159,8 +174,8 @@ class DeliveryProcess:
         """Run a child; start another if it dies (unless closing), waiting longer after each death in a row."""
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child's counts reach /metrics through this process
-        env[CONFIG_VARIABLE] = orjson.dumps({"store": self.store_url, "options": self.options,
-                                             "log_level": self.log_level}).decode()
+        env[CONFIG_VARIABLE] = orjson.dumps({"store": self.store_url, "options": self.options, "owner": self.owner,
+                                             "contexts": self.contexts, "log_level": self.log_level}).decode()
         deaths = 0
         while not self._closing:
             try:
@@ -223,26 +238,61 @@ class Target:
 
 
 class Targets:
-    """The child's view of the subscriptions: loaded from the store, then kept as the API process says."""
+    """The child's view of the subscriptions: loaded from the store, then kept as the API process says; each one's
+    delivery target, and the compiled subscriptions that the change feed is matched against."""
 
-    def __init__(self) -> None:
+    def __init__(self, contexts=None) -> None:
         self.by_key: dict[Key, Target] = {}
+        self.contexts = contexts  # a ContextResolver; None: delivery only, no matching
+        self.index = SubscriptionIndex()
 
     def get(self, tenant: str, sub_id: str) -> Target | None:
         """The subscription's delivery target, None if it is not (or no longer) there."""
         return self.by_key.get((tenant, sub_id))
 
-    def put(self, key: Key, doc: dict | None) -> None:
-        """Hold this stored document for the subscription (None: it was deleted)."""
+    async def put(self, key: Key, doc: dict | None) -> None:
+        """Hold this stored document for the subscription (None: it was deleted), compiled for matching."""
         if doc is None:
             self.by_key.pop(key, None)
-        else:
-            self.by_key[key] = Target(doc, link_url(doc))
+            self.index.remove(*key)
+            return
+        self.by_key[key] = Target(doc, link_url(doc))
+        if self.contexts is None:
+            return
+        try:
+            compiled = await compile_stored(self.contexts, key[0], doc)
+        except Exception:
+            log.exception("subscription %s cannot be compiled; it will not notify", key[1])
+            self.index.remove(*key)
+            return
+        if self.by_key.get(key) is None or self.by_key[key].doc is not doc:
+            return  # deleted or changed again while it compiled: that later change decides
+        old = self.index.get(*key)
+        if old is not None:
+            compiled.last_notified = old.last_notified  # throttling goes on across the change
+        self.index.add(compiled)
 
     async def load(self, store) -> None:
         """Every stored subscription."""
         for record, _stamp in await store.all_subscriptions():
-            self.put((record.tenant, record.id), record.doc)
+            await self.put((record.tenant, record.id), record.doc)
+
+
+async def match_feed(store, owner: str, planner: Planner, dispatcher) -> bool:
+    """Match the oldest FeedRows this process may take, queue their notifications, wake their delivery; False if
+    there were none.
+
+    The matching runs outside any transaction (the API process's writes never wait for it); the claim then deletes
+    the rows and inserts the outbox rows in one, and if another process took a row first, nothing is queued here.
+    """
+    rows = await store.feed_next(owner, _ORPHAN_AFTER, _FEED_ROWS)
+    if not rows:
+        return False
+    planned = [(tenant, row) for _seq, tenant, now, events in rows for row in planner(tenant, orjson.loads(events), now)]
+    if await store.feed_claim([row[0] for row in rows], planned):
+        for tenant, sub_id in dict.fromkeys((tenant, row.subscription_id) for tenant, row in planned):
+            dispatcher.wake(tenant, sub_id)
+    return True
 
 
 async def _child(config: dict, out) -> None:
@@ -253,10 +303,22 @@ async def _child(config: dict, out) -> None:
     loop = asyncio.get_running_loop()
     store = open_store(config["store"])
     await store.open()
-    targets = Targets()
+    contexts = ContextResolver(**config.get("contexts", {}))
+    targets = Targets(contexts)
     await targets.load(store)
     dispatcher = Dispatcher(store, targets.get, **config["options"])
     dispatcher.start()
+    planner = Planner(targets.index)
+    gc.collect()  # as the API process does (app.py): a FeedRow of a 1,000-entity batch loads as ~100,000 objects,
+    gc.freeze()   # and the default thresholds made that load take 2 to 3 times as long
+    gc.set_threshold(50_000, 20, 10)
+    fed = asyncio.Event()
+    matching = asyncio.Lock()  # one match_feed at a time: the claims keep the changes' order
+
+    async def match_all() -> None:
+        async with matching:
+            while await match_feed(store, config["owner"], planner, dispatcher):
+                pass
     write = _line_writer(out)
     write(["ready"])
     reader = asyncio.StreamReader(limit=1 << 26)
@@ -277,16 +339,36 @@ async def _child(config: dict, out) -> None:
         while line := await reader.readline():
             message = orjson.loads(line)
             if message[0] == "changed":
+                # the changes written before it are matched with the subscriptions as they were
+                try:
+                    await match_all()
+                except Exception:
+                    log.exception("matching the change feed failed")
                 for tenant, sub_id, doc in message[2]:
-                    targets.put((tenant, sub_id), doc)
+                    await targets.put((tenant, sub_id), doc)
                 write(["ack", message[1]])
+            elif message[0] == "feed":
+                fed.set()
             else:
                 for tenant, sub_id in message[1]:
                     dispatcher.wake(tenant, sub_id)
 
-    tasks = [asyncio.create_task(report_forever()), asyncio.create_task(obey()), asyncio.create_task(stop.wait())]
+    async def match_forever() -> None:
+        while True:  # on each message of the API process, and every _FEED_POLL s for rows of a process gone
+            fed.clear()
+            try:
+                await match_all()
+            except Exception:
+                log.exception("matching the change feed failed; trying again")
+            try:
+                await asyncio.wait_for(fed.wait(), _FEED_POLL)
+            except asyncio.TimeoutError:
+                pass
+
+    tasks = [asyncio.create_task(report_forever()), asyncio.create_task(obey()), asyncio.create_task(stop.wait()),
+             asyncio.create_task(match_forever())]
     try:
-        await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks[1:3], return_when=asyncio.FIRST_COMPLETED)
         if tasks[1].done() and tasks[1].exception() is not None:
             log.error("reading the API process's messages failed", exc_info=tasks[1].exception())
     finally:
@@ -295,6 +377,7 @@ async def _child(config: dict, out) -> None:
         await asyncio.gather(*tasks, return_exceptions=True)
         await dispatcher.close()
         write(["counts", *_counts()])
+        await contexts.close()
         await store.close()
 
 

@@ -11,11 +11,11 @@ from ..context.broker import Broker
 from ..context.errors import AlreadyExists, LdContextNotAvailable, ResourceNotFound
 from ..context.jsonld import ContextResolver
 from ..context.model import now_iso
-from ..store.base import OutboxRow, Store, SubscriptionRecord
+from ..store.base import FeedRow, OutboxRow, Store, SubscriptionRecord
 from .delivery import Dispatcher
 from .delivery_process import DeliveryProcess
-from .matcher import (Compiled, Planner, SubscriptionIndex, compile_subscription, notification_context,
-                      notification_payload, render_for)
+from .matcher import (Compiled, FeedPlanner, Planner, SubscriptionIndex, compile_stored, notification_payload,
+                      render_for)
 from .model import QUERY_CONTEXT, merge_fragment, validate_subscription
 
 log = logging.getLogger("citybridge.subscriptions")
@@ -41,7 +41,8 @@ class SubscriptionService:
                    "join_backlog": join_backlog}
         self.dispatcher: Dispatcher | DeliveryProcess
         if delivery_store:
-            self.dispatcher = DeliveryProcess(delivery_store, options, log_level)
+            self.dispatcher = DeliveryProcess(delivery_store, options, log_level,
+                                              {"timeout": contexts.timeout, "cache_ttl": contexts.cache_ttl})
         else:
             self.dispatcher = Dispatcher(store, self.index.get, **options)
         self.refresh_interval = refresh_interval
@@ -54,7 +55,10 @@ class SubscriptionService:
     async def start(self) -> None:
         """Load every subscription, attach the planner to the broker, start delivery and the background loops."""
         await self._load()
-        self.broker.planner = Planner(self.index)
+        if isinstance(self.dispatcher, DeliveryProcess):  # the delivery process matches (docs/subscriptions.md)
+            self.broker.planner = FeedPlanner(self.index, self.dispatcher.owner)
+        else:
+            self.broker.planner = Planner(self.index)
         self.broker.on_outbox = self._queued
         self.dispatcher.start()
         await self.dispatcher.ready()
@@ -67,7 +71,10 @@ class SubscriptionService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dispatcher.close()
 
-    def _queued(self, tenant: str, rows: list[OutboxRow]) -> None:
+    def _queued(self, tenant: str, rows: list[OutboxRow | FeedRow]) -> None:
+        if rows and isinstance(rows[0], FeedRow):
+            self.dispatcher.feed()
+            return
         for sub_id in dict.fromkeys(row.subscription_id for row in rows):
             self.dispatcher.wake(tenant, sub_id)
 
@@ -75,12 +82,7 @@ class SubscriptionService:
 
     async def compile(self, tenant: str, doc: dict) -> Compiled:
         """Compile a stored subscription with its @context (and jsonldContext) resolved."""
-        written = doc.get(QUERY_CONTEXT) or {}  # q and geoQ set by a PATCH: the @context each was written with
-        terms = await self.contexts.resolve(written.get("q", doc.get("@context")))
-        geo_terms = await self.contexts.resolve(written.get("geoQ", doc.get("@context")))
-        context, unlinkable = notification_context(doc)
-        out_terms = await self.contexts.resolve(None if unlinkable else context)
-        return compile_subscription(tenant, doc, terms, out_terms, geo_terms)
+        return await compile_stored(self.contexts, tenant, doc)
 
     async def _load(self) -> None:
         """Build the index from every stored subscription."""
