@@ -30,6 +30,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def children(pid: int) -> list[int]:
+    """The direct child processes of pid (from /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            pass
+    return found
+
+
 class Middleware:
     """A `citybridge serve` process on loopback."""
 
@@ -54,6 +65,18 @@ class Middleware:
             except httpx.HTTPError:
                 time.sleep(0.1)
         raise RuntimeError("middleware did not start in 30 s")
+
+    def kill(self) -> None:
+        """SIGKILL the process and its children (the notification delivery process) at once: a crash of both."""
+        taken = children(self.process.pid)
+        self.process.kill()
+        for child in taken:
+            try:
+                os.kill(child, 9)
+            except ProcessLookupError:
+                pass
+        self.process.wait(10)
+        self.log.close()
 
     def stop(self) -> None:
         """Terminate the process and wait for it."""

@@ -291,22 +291,40 @@ class PostgresStore:
         async with self.pool.acquire() as conn:
             await self._insert_outbox(conn, tenant, rows)
 
-    async def feed_next(self, owner: str, orphan_after: float, limit: int) -> list[tuple[int, str, str, bytes]]:
-        """The oldest FeedRows of owner, and of any owner once older than orphan_after seconds:
-        (seq, tenant, now, events)."""
-        rows = await self.pool.fetch("SELECT seq, tenant, now, events FROM change_feed WHERE owner=$1 "
-                                     "OR written < extract(epoch FROM clock_timestamp()) - $2 ORDER BY seq LIMIT $3",
-                                     owner, orphan_after, limit)
+    async def feed_next(self, owner: str, orphan_after: float, limit: int,
+                        up_to: int | None = None) -> list[tuple[int, str, str, bytes]]:
+        """The oldest FeedRows this owner may take, (seq, tenant, now, events): its own and those older than
+        orphan_after seconds, up to the first row another owner is to take (claims keep the feed's order), and
+        with seq <= up_to when given."""
+        rows = await self.pool.fetch(
+            "WITH t AS (SELECT extract(epoch FROM clock_timestamp()) - $2 AS old) "
+            "SELECT seq, tenant, now, events FROM change_feed, t WHERE (owner=$1 OR written < t.old) "
+            "AND seq < coalesce((SELECT min(seq) FROM change_feed, t WHERE owner<>$1 AND written >= t.old), "
+            "9223372036854775807) AND ($3::bigint IS NULL OR seq <= $3) ORDER BY seq LIMIT $4",
+            owner, orphan_after, up_to, limit)
         return [(r["seq"], r["tenant"], r["now"], r["events"]) for r in rows]
+
+    async def feed_waiting(self, owner: str) -> bool:
+        """True if FeedRows of this owner are in the feed."""
+        return await self.pool.fetchval("SELECT EXISTS(SELECT 1 FROM change_feed WHERE owner=$1)", owner)
+
+    async def feed_last(self) -> int:
+        """The seq of the newest FeedRow (0 if none)."""
+        return await self.pool.fetchval("SELECT coalesce(max(seq), 0) FROM change_feed")
 
     async def feed_claim(self, seqs: list[int], rows: list[tuple[str, OutboxRow]]) -> bool:
         """In one transaction, delete these FeedRows and queue the outbox rows (tenant, row) planned from them, in
-        order; False (and nothing done) if another process took any of them first."""
+        order, for the subscriptions that still exist; False (and nothing done) if another process took any of
+        them first, or an older row is still in the feed."""
         try:
             async with self.pool.acquire() as conn:
                 async with conn.transaction():
-                    # one claim at a time: the outbox gets each subscription's rows in the order of the changes
+                    # one claim at a time, and none that leaves an older row behind: the outbox gets the rows in
+                    # the feed's order
                     await conn.execute("SELECT pg_advisory_xact_lock($1)", _FEED_LOCK)
+                    if await conn.fetchval("SELECT EXISTS(SELECT 1 FROM change_feed WHERE seq < $2 "
+                                           "AND seq <> ALL($1::bigint[]))", seqs, max(seqs)):
+                        return False
                     deleted = await conn.fetchval("WITH d AS (DELETE FROM change_feed WHERE seq = ANY($1::bigint[]) "
                                                   "RETURNING 1) SELECT count(*) FROM d", seqs)
                     if deleted != len(seqs):
@@ -315,7 +333,8 @@ class PostgresStore:
                         await conn.execute(
                             "INSERT INTO outbox(tenant, subscription_id, payload) "
                             "SELECT u.t, u.s, u.p FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY "
-                            "AS u(t, s, p, n) ORDER BY u.n",
+                            "AS u(t, s, p, n) WHERE EXISTS (SELECT 1 FROM subscriptions s WHERE s.tenant=u.t "
+                            "AND s.id=u.s) ORDER BY u.n",
                             [t for t, _ in rows], [r.subscription_id for _, r in rows], [r.payload for _, r in rows])
         except _Taken:
             return False

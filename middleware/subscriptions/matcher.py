@@ -400,8 +400,18 @@ def _feature(sub: Compiled, entity: dict) -> dict:
 class Planner:
     """Decides the notifications of a batch of committed-to-be changes: one per subscription, all its entities."""
 
-    def __init__(self, index: SubscriptionIndex):
+    def __init__(self, index: SubscriptionIndex, defer_throttling: bool = False):
+        """With defer_throttling, when each subscription notified is kept in `notified` until the caller applies
+        it (commit_throttling, once the rows are stored) or drops it (a claim that failed)."""
         self.index = index
+        self.notified: dict[int, tuple[Compiled, float]] | None = {} if defer_throttling else None
+
+    def commit_throttling(self) -> None:
+        """Apply the deferred notification times (the rows planned since the last call are stored)."""
+        if self.notified:
+            for sub, clock in self.notified.values():
+                sub.last_notified = clock
+            self.notified.clear()
 
     def __call__(self, tenant: str, events: list[Event], now: str) -> list[OutboxRow]:
         """Outbox rows for these events (called inside the store transaction)."""
@@ -436,20 +446,26 @@ class Planner:
                 throttling = sub.doc.get("throttling")
                 entry = per_sub.get(id(sub))
                 if entry is None:
-                    if throttling and clock - sub.last_notified < throttling:
-                        continue  # throttled: this notification is not sent (5.8.6)
+                    if throttling:
+                        notified = self.notified.get(id(sub)) if self.notified is not None else None
+                        last = notified[1] if notified is not None else sub.last_notified
+                        if clock - last < throttling:
+                            continue  # throttled: this notification is not sent (5.8.6)
                     entry = per_sub[id(sub)] = (sub, [])
                 entry[1].append(render_for(sub, sub_old, sub_new, sub_changes[2], now, trigger))
         rows = []
         for sub, entities in per_sub.values():
-            sub.last_notified = clock
+            if self.notified is not None:
+                self.notified[id(sub)] = (sub, clock)
+            else:
+                sub.last_notified = clock
             rows.append(OutboxRow(sub.id, notification_payload(sub, entities, now)))
         return rows
 
 
 class FeedPlanner:
     """The planner of an API process whose delivery process matches: the changes some subscription may match,
-    stored as one FeedRow for the delivery process's Planner (take_feed), instead of matching them here."""
+    stored as one FeedRow for the delivery process's Planner (match_feed), instead of matching them here."""
 
     def __init__(self, index: SubscriptionIndex, owner: str):
         self.index = index

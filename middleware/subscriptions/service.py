@@ -13,7 +13,7 @@ from ..context.jsonld import ContextResolver
 from ..context.model import now_iso
 from ..store.base import FeedRow, OutboxRow, Store, SubscriptionRecord
 from .delivery import Dispatcher
-from .delivery_process import DeliveryProcess
+from .delivery_process import CLAIMED, DeliveryProcess, match_feed
 from .matcher import (Compiled, FeedPlanner, Planner, SubscriptionIndex, compile_stored, notification_payload,
                       render_for)
 from .model import QUERY_CONTEXT, merge_fragment, validate_subscription
@@ -24,6 +24,7 @@ log = logging.getLogger("citybridge.subscriptions")
 # subscriptions stamped within the window (a stamp is taken before its transaction commits, so commits can land out
 # of stamp order: a PostgreSQL sequence value, or two processes' clocks on SQLite)
 _LATE_COMMIT_WINDOW = 30.0
+_ORPHAN_LOOK = 5.0  # seconds between looks at the change feed when this process has no delivery process
 
 
 class SubscriptionService:
@@ -63,6 +64,8 @@ class SubscriptionService:
         self.dispatcher.start()
         await self.dispatcher.ready()
         self._tasks = [asyncio.create_task(self._refresh_forever()), asyncio.create_task(self._periodic_forever())]
+        if not isinstance(self.dispatcher, DeliveryProcess):
+            self._tasks.append(asyncio.create_task(self._feed_orphans_forever()))
 
     async def close(self) -> None:
         """Stop the loops and the dispatcher; pending notifications stay in the store."""
@@ -219,6 +222,18 @@ class SubscriptionService:
             raise
         except Exception as exc:
             raise LdContextNotAvailable(f"the subscription's @context cannot be used: {exc}") from exc
+
+    async def _feed_orphans_forever(self) -> None:
+        """Without a delivery process: match the change feed rows left by processes that had one (at most 10 s
+        after they were written), so that turning it off loses nothing."""
+        planner = Planner(self.index, defer_throttling=True)
+        while True:
+            await asyncio.sleep(_ORPHAN_LOOK)
+            try:
+                while await match_feed(self.store, self.dispatcher.owner, planner, self.dispatcher) == CLAIMED:
+                    pass
+            except Exception:
+                log.exception("matching the change feed rows of other processes failed")
 
     # ---------------------------------------------------------------- periodic notifications (timeInterval)
 

@@ -12,22 +12,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import Api, Middleware
+from tests.conftest import Api, Middleware, children
 from tests.integration.test_notifications import (create, fresh_store, patch, receiver, subscribe,  # noqa: F401
                                                   values, wait_subscription)
 
 DELIVERY_MODULE = "middleware.subscriptions.delivery_process"
-
-
-def children(pid: int) -> list[int]:
-    """The direct child processes of pid (from /proc)."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        try:
-            found += [int(child) for child in (task / "children").read_text().split()]
-        except OSError:
-            pass
-    return found
 
 
 def delivery_pids(pid: int) -> list[int]:
@@ -213,5 +202,29 @@ def test_changes_of_a_process_that_died_before_they_were_matched_are_matched_by_
         assert time.monotonic() - written >= 9  # not before the row was 10 s old: its own process might have lived
     finally:
         client.close()
+        second.stop()
+        first.stop()
+
+
+def test_changes_through_two_processes_are_notified_in_the_order_they_were_made(fresh_store, receiver):  # noqa: F811
+    """One entity changed through two processes in turn: each process's delivery process matches its own changes,
+    and claims them only in the feed's order, so the subscription's notifications come in the order of the
+    changes."""
+    url, workdir = fresh_store
+    first, second = Middleware(url, workdir), Middleware(url, workdir)
+    tenant = f"t{uuid.uuid4().hex[:12]}"
+    clients = [Api(first.url, tenant), Api(second.url, tenant)]
+    try:
+        path, uri = receiver.endpoint()
+        subscribe(clients[0], uri)
+        time.sleep(3)  # the second process picks the subscription up within 2 s
+        e = "urn:ngsi-ld:Sensor:alternating"
+        create(clients[0], {"id": e, "type": "Sensor", "temperature": {"type": "Property", "value": 0}})
+        for n in range(1, 30):
+            patch(clients[n % 2], e, temperature=n)
+        assert values(receiver.wait(path, 30, timeout=30)) == list(range(30))
+    finally:
+        for client in clients:
+            client.close()
         second.stop()
         first.stop()

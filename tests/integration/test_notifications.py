@@ -868,9 +868,7 @@ def test_killed_middleware_delivers_pending_notifications_after_restart(fresh_st
         patch(client, e, temperature=n)
     first_attempts = receiver.wait(path, 1, status=500)
     client.close()
-    server.process.kill()
-    server.process.wait(10)
-    server.log.close()
+    server.kill()
     receiver.status = 200
     server = Middleware(url, workdir, **env)
     try:
@@ -900,9 +898,7 @@ def test_notifications_pending_at_a_restart_are_not_joined(fresh_store, receiver
         create(client, entity(e, temperature=n))
     wait_queued(url, client.tenant, sub_id, 120)
     client.close()
-    server.process.kill()
-    server.process.wait(10)
-    server.log.close()
+    server.kill()
     _release(receiver, path, gate)
     server = Middleware(url, workdir, **env)
     try:
@@ -936,9 +932,7 @@ def test_a_joined_notification_in_flight_when_its_process_dies_is_resent_by_anot
         _release(receiver, path, gate)
         joined = receiver.wait(path, 2, status=None)[1]
         assert _entity_values([joined]) == [[(e, n) for n, e in enumerate(ids[1:15], start=1)]]
-        first.process.kill()
-        first.process.wait(10)
-        first.log.close()
+        first.kill()
         later.set()
         patch(other, ids[15], temperature=15)
         delivered = receiver.wait_for(path, lambda body: body["data"][0]["id"] == ids[15], timeout=40)
