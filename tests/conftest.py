@@ -88,31 +88,6 @@ class Middleware:
         self.log.close()
 
 
-def wait_queued(store: str, tenant: str, sub_id: str, n: int, timeout: float = 10.0) -> None:
-    """Wait until the store's outbox holds at least n notifications of the subscription.
-
-    The delivery process matches accepted changes after the write has answered (docs/subscriptions.md): a test
-    that needs them queued before it goes on (to see them joined, say) waits here.
-    """
-    async def count() -> int:
-        if store.startswith("sqlite:///"):
-            import sqlite3
-            with sqlite3.connect(store[len("sqlite:///"):], timeout=10) as conn:
-                return conn.execute("SELECT count(*) FROM outbox WHERE tenant=? AND subscription_id=?",
-                                    (tenant, sub_id)).fetchone()[0]
-        conn = await asyncpg.connect(store)
-        try:
-            return await conn.fetchval("SELECT count(*) FROM outbox WHERE tenant=$1 AND subscription_id=$2",
-                                       tenant, sub_id)
-        finally:
-            await conn.close()
-    deadline = time.monotonic() + timeout
-    while (found := asyncio.run(count())) < n:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{found} notifications of {sub_id} queued after {timeout} s, expected {n}")
-        time.sleep(0.02)
-
-
 def _pg(statement: str) -> None:
     async def run():
         conn = await asyncpg.connect(PG_ADMIN_DSN)

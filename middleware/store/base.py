@@ -50,19 +50,6 @@ class OutboxRow:
 
 
 @dataclass(slots=True)
-class FeedRow:
-    """Entity changes still to be matched against the subscriptions, stored with the changes themselves.
-
-    The delivery process matches them later, off the API process (feed_next, feed_claim); `owner` is the API process
-    that wrote them, whose delivery process takes them first.
-    """
-
-    owner: str
-    now: str        # the write's time, as notifiedAt and modifiedAt see it
-    events: bytes   # JSON [[old doc or null, new doc or null], ...]
-
-
-@dataclass(slots=True)
 class HistoryRow:
     """One attribute instance as written (or deleted) by an accepted change: a point of the temporal evolution."""
 
@@ -189,23 +176,6 @@ class Store(Protocol):
 
     async def add_outbox(self, tenant: str, rows: list[OutboxRow]) -> None:
         """Queue notifications that no entity change carries (periodic ones)."""
-
-    async def feed_next(self, owner: str, orphan_after: float, limit: int,
-                        up_to: int | None = None) -> list[tuple[int, str, str, bytes]]:
-        """The oldest FeedRows this owner may take, (seq, tenant, now, events): its own and those older than
-        orphan_after seconds, up to the first row another owner is to take (claims keep the feed's order), and
-        with seq <= up_to when given."""
-
-    async def feed_waiting(self, owner: str) -> bool:
-        """True if FeedRows of this owner are in the feed."""
-
-    async def feed_last(self) -> int:
-        """The seq of the newest FeedRow (0 if none)."""
-
-    async def feed_claim(self, seqs: list[int], rows: list[tuple[str, OutboxRow]]) -> bool:
-        """In one transaction, delete these FeedRows and queue the outbox rows (tenant, row) planned from them, in
-        order, for the subscriptions that still exist; False (and nothing done) if another process took any of
-        them first, or an older row is still in the feed."""
 
     async def outbox_next(self, tenant: str, sub_id: str, limit: int) -> list[tuple[int, bytes, int]]:
         """The oldest pending notifications of a subscription: (seq, payload, attempts)."""

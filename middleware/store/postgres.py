@@ -11,7 +11,7 @@ import re
 import asyncpg
 import orjson
 
-from .base import Candidates, Change, FeedRow, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
+from .base import Candidates, Change, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
 from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
 from .base import HistoryQuery, HistoryRow  # history (issue 5)
 
@@ -33,10 +33,6 @@ CREATE INDEX IF NOT EXISTS subscriptions_by_change ON subscriptions(changed);
 CREATE TABLE IF NOT EXISTS outbox(seq BIGSERIAL PRIMARY KEY, tenant TEXT NOT NULL, subscription_id TEXT NOT NULL,
     payload BYTEA NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq);
--- entity changes the delivery process has still to match against the subscriptions (FeedRow)
-CREATE TABLE IF NOT EXISTS change_feed(seq BIGSERIAL PRIMARY KEY, owner TEXT NOT NULL, tenant TEXT NOT NULL,
-    now TEXT NOT NULL, events BYTEA NOT NULL,
-    written DOUBLE PRECISION NOT NULL DEFAULT extract(epoch FROM clock_timestamp()));
 CREATE TABLE IF NOT EXISTS delivery_leases(tenant TEXT NOT NULL, subscription_id TEXT NOT NULL, owner TEXT NOT NULL,
     until DOUBLE PRECISION NOT NULL, PRIMARY KEY(tenant, subscription_id));
 -- device registry and dead letters (issue 4)
@@ -65,11 +61,6 @@ CREATE TABLE IF NOT EXISTS history_cursors(name TEXT PRIMARY KEY, seq BIGINT NOT
 
 
 _RELATIONS = re.findall(r"CREATE (?:TABLE|INDEX|SEQUENCE) IF NOT EXISTS (\w+)", SCHEMA)
-_FEED_LOCK = 0x43420001  # pg_advisory_xact_lock key of feed_claim ("CB", 1)
-
-
-class _Taken(Exception):
-    """Another process took some of the FeedRows being claimed (the transaction is rolled back)."""
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -91,9 +82,10 @@ class PostgresStore:
         self.pool = await asyncpg.create_pool(self.dsn, min_size=self.min_size, max_size=self.max_size,
                                               init=_init_connection)
         async with self.pool.acquire() as conn:
-            # CREATE INDEX IF NOT EXISTS locks its table even when the index is there, and could deadlock with a
-            # write of a process already running (two middleware processes, or one and its delivery process, start
-            # together): when every relation of the schema exists, nothing is run
+            # CREATE INDEX IF NOT EXISTS locks its table even when the index is there, and deadlocked with a write of
+            # a process already running (two middleware processes, or one and its delivery process, start
+            # together): when every relation of the schema exists, nothing is run (a later change of a table's
+            # columns must add a check of its own here)
             if await conn.fetchval("SELECT bool_and(to_regclass(name) IS NOT NULL) FROM unnest($1::text[]) AS name",
                                    _RELATIONS):
                 return
@@ -186,10 +178,6 @@ class PostgresStore:
                     outbox = [row for row in rows if isinstance(row, OutboxRow)]
                     if outbox:
                         await self._insert_outbox(conn, tenant, outbox)
-                    feed = [row for row in rows if isinstance(row, FeedRow)]
-                    if feed:
-                        await conn.executemany("INSERT INTO change_feed(owner, tenant, now, events) VALUES ($1,$2,$3,$4)",
-                                               [(row.owner, tenant, row.now, row.events) for row in feed])
                     await _insert_history(conn, tenant, [row for row in rows if isinstance(row, HistoryRow)])
         return conflicts
 
@@ -290,55 +278,6 @@ class PostgresStore:
         """Queue notifications that no entity change carries (periodic ones)."""
         async with self.pool.acquire() as conn:
             await self._insert_outbox(conn, tenant, rows)
-
-    async def feed_next(self, owner: str, orphan_after: float, limit: int,
-                        up_to: int | None = None) -> list[tuple[int, str, str, bytes]]:
-        """The oldest FeedRows this owner may take, (seq, tenant, now, events): its own and those older than
-        orphan_after seconds, up to the first row another owner is to take (claims keep the feed's order), and
-        with seq <= up_to when given."""
-        rows = await self.pool.fetch(
-            "WITH t AS (SELECT extract(epoch FROM clock_timestamp()) - $2 AS old) "
-            "SELECT seq, tenant, now, events FROM change_feed, t WHERE (owner=$1 OR written < t.old) "
-            "AND seq < coalesce((SELECT min(seq) FROM change_feed, t WHERE owner<>$1 AND written >= t.old), "
-            "9223372036854775807) AND ($3::bigint IS NULL OR seq <= $3) ORDER BY seq LIMIT $4",
-            owner, orphan_after, up_to, limit)
-        return [(r["seq"], r["tenant"], r["now"], r["events"]) for r in rows]
-
-    async def feed_waiting(self, owner: str) -> bool:
-        """True if FeedRows of this owner are in the feed."""
-        return await self.pool.fetchval("SELECT EXISTS(SELECT 1 FROM change_feed WHERE owner=$1)", owner)
-
-    async def feed_last(self) -> int:
-        """The seq of the newest FeedRow (0 if none)."""
-        return await self.pool.fetchval("SELECT coalesce(max(seq), 0) FROM change_feed")
-
-    async def feed_claim(self, seqs: list[int], rows: list[tuple[str, OutboxRow]]) -> bool:
-        """In one transaction, delete these FeedRows and queue the outbox rows (tenant, row) planned from them, in
-        order, for the subscriptions that still exist; False (and nothing done) if another process took any of
-        them first, or an older row is still in the feed."""
-        try:
-            async with self.pool.acquire() as conn:
-                async with conn.transaction():
-                    # one claim at a time, and none that leaves an older row behind: the outbox gets the rows in
-                    # the feed's order
-                    await conn.execute("SELECT pg_advisory_xact_lock($1)", _FEED_LOCK)
-                    if await conn.fetchval("SELECT EXISTS(SELECT 1 FROM change_feed WHERE seq < $2 "
-                                           "AND seq <> ALL($1::bigint[]))", seqs, max(seqs)):
-                        return False
-                    deleted = await conn.fetchval("WITH d AS (DELETE FROM change_feed WHERE seq = ANY($1::bigint[]) "
-                                                  "RETURNING 1) SELECT count(*) FROM d", seqs)
-                    if deleted != len(seqs):
-                        raise _Taken  # rolls the deletion back
-                    if rows:
-                        await conn.execute(
-                            "INSERT INTO outbox(tenant, subscription_id, payload) "
-                            "SELECT u.t, u.s, u.p FROM unnest($1::text[], $2::text[], $3::bytea[]) WITH ORDINALITY "
-                            "AS u(t, s, p, n) WHERE EXISTS (SELECT 1 FROM subscriptions s WHERE s.tenant=u.t "
-                            "AND s.id=u.s) ORDER BY u.n",
-                            [t for t, _ in rows], [r.subscription_id for _, r in rows], [r.payload for _, r in rows])
-        except _Taken:
-            return False
-        return True
 
     async def outbox_next(self, tenant: str, sub_id: str, limit: int) -> list[tuple[int, bytes, int]]:
         """The oldest pending notifications of a subscription: (seq, payload, attempts)."""

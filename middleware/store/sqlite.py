@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from .base import Candidates, Change, FeedRow, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
+from .base import Candidates, Change, Keep, OutboxRow, Plan, Settlement, Stored, SubscriptionRecord
 from .base import DeadLetterRecord, DeviceRecord, GroupRecord  # device registry (issue 4)
 from .base import HistoryQuery, HistoryRow  # history (issue 5)
 from . import sqlite_history, sqlite_write
@@ -35,9 +35,6 @@ CREATE INDEX IF NOT EXISTS subscriptions_by_change ON subscriptions(changed);
 CREATE TABLE IF NOT EXISTS outbox(seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL,
     subscription_id TEXT NOT NULL, payload TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0);
 CREATE INDEX IF NOT EXISTS outbox_subscription ON outbox(tenant, subscription_id, seq);
--- entity changes the delivery process has still to match against the subscriptions (FeedRow)
-CREATE TABLE IF NOT EXISTS change_feed(seq INTEGER PRIMARY KEY AUTOINCREMENT, owner TEXT NOT NULL,
-    tenant TEXT NOT NULL, now TEXT NOT NULL, events BLOB NOT NULL, written REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS delivery_leases(tenant TEXT NOT NULL, subscription_id TEXT NOT NULL, owner TEXT NOT NULL,
     until REAL NOT NULL, PRIMARY KEY(tenant, subscription_id));
 -- device registry and dead letters (issue 4)
@@ -59,41 +56,12 @@ CREATE TABLE IF NOT EXISTS history_cursors(name TEXT PRIMARY KEY, seq INTEGER NO
 
 log = logging.getLogger("citybridge.store.sqlite")
 
-
-class _Taken(Exception):
-    """Another process took some of the FeedRows being claimed (the transaction is rolled back)."""
-
-_LOCK_WAIT = 10.0  # seconds a transaction waits for the write lock (as busy_timeout=10000 did)
-_LOCK_STEP = 0.0005
 _CHECKPOINT_EVERY = 0.25  # seconds between the background checkpoints of the WAL
 # The background checkpoints rarely finish while the writer keeps appending, and only a finished one lets the WAL
 # start over: the writer checkpoints by itself past this many pages (32 MB; cheap, as most frames are copied
 # already), and the file is cut back to _WAL_LIMIT after it starts over. Unbounded, it grew to 200 MB and stayed.
 _WRITER_CHECKPOINT_PAGES = 8_000
 _WAL_LIMIT = 64 * 1024 * 1024
-
-
-def _begin(conn: sqlite3.Connection) -> None:
-    """BEGIN IMMEDIATE, waiting for another process's write lock in steps of 0.5 ms (at most _LOCK_WAIT s).
-
-    SQLite's own busy handler sleeps 1, 2, 5, 10 ... up to 100 ms between tries: with the API process and its
-    delivery process both writing, a transaction often slept tens of milliseconds after the lock was free, and
-    the delivery process's claims of the change feed (on the path of every notification) waited longest.
-    """
-    deadline = None
-    while True:
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            return
-        except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) and "busy" not in str(exc):
-                raise
-            now = time.monotonic()
-            if deadline is None:
-                deadline = now + _LOCK_WAIT
-            elif now > deadline:
-                raise
-            time.sleep(_LOCK_STEP)
 
 
 class Checkpointer:
@@ -224,7 +192,6 @@ class SqliteStore:
             self._wconn.executescript(SCHEMA)
             _outbox_autoincrement(self._wconn)
             sqlite_history.create(self._wconn)
-            self._wconn.execute("PRAGMA busy_timeout=0")  # _begin waits for the write lock itself
 
         await loop.run_in_executor(self._writer, setup)
         self._rconn = await loop.run_in_executor(self._reader, self._connect)
@@ -325,7 +292,7 @@ class SqliteStore:
 
     def _in_transaction(self, fn):
         conn = self._wconn
-        _begin(conn)
+        conn.execute("BEGIN IMMEDIATE")
         try:
             result = fn(conn)
             conn.execute("COMMIT")
@@ -344,7 +311,6 @@ class SqliteStore:
         outcomes: list[list[str]] = []
         outbox: list[OutboxRow] = []
         history: list[HistoryRow] = []
-        feed: list[FeedRow] = []
         for pending in round_:
             mine = [c.id for c in pending.changes if c.id in lost] if lost else []
             outcomes.append(mine)
@@ -354,17 +320,10 @@ class SqliteStore:
                 if pending.planned is None or pending.planned[0] != mine:
                     pending.planned = (mine, pending.plan(set(mine)))
                 for row in pending.planned[1]:
-                    if isinstance(row, HistoryRow):
-                        history.append(row)
-                    else:
-                        (outbox if isinstance(row, OutboxRow) else feed).append(row)
+                    (outbox if isinstance(row, OutboxRow) else history).append(row)
         if outbox:
             conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",
                              [(tenant, row.subscription_id, row.payload) for row in outbox])
-        if feed:
-            written = time.time()
-            conn.executemany("INSERT INTO change_feed(owner, tenant, now, events, written) VALUES (?,?,?,?,?)",
-                             [(row.owner, tenant, row.now, row.events, written) for row in feed])
         sqlite_history.append(conn, tenant, history)
         return outcomes
 
@@ -410,7 +369,7 @@ class SqliteStore:
     async def _write_op(self, fn, *args):
         def run():
             conn = self._wconn
-            _begin(conn)
+            conn.execute("BEGIN IMMEDIATE")
             try:
                 result = fn(conn, *args)
                 conn.execute("COMMIT")
@@ -478,44 +437,6 @@ class SqliteStore:
             conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) VALUES (?,?,?)",
                              [(tenant, r.subscription_id, r.payload) for r in rows])
         await self._write_op(run)
-
-    async def feed_next(self, owner: str, orphan_after: float, limit: int,
-                        up_to: int | None = None) -> list[tuple[int, str, str, bytes]]:
-        """The oldest FeedRows this owner may take, (seq, tenant, now, events): its own and those older than
-        orphan_after seconds, up to the first row another owner is to take (claims keep the feed's order), and
-        with seq <= up_to when given."""
-        old = time.time() - orphan_after
-        return await self._read(lambda: self._rconn.execute(_FEED_NEXT, (owner, old, up_to, limit)).fetchall())
-
-    async def feed_waiting(self, owner: str) -> bool:
-        """True if FeedRows of this owner are in the feed."""
-        return self._lconn.execute("SELECT 1 FROM change_feed WHERE owner=? LIMIT 1", (owner,)).fetchone() is not None
-
-    async def feed_last(self) -> int:
-        """The seq of the newest FeedRow (0 if none)."""
-        (last,) = self._lconn.execute("SELECT max(seq) FROM change_feed").fetchone()
-        return last or 0
-
-    async def feed_claim(self, seqs: list[int], rows: list[tuple[str, OutboxRow]]) -> bool:
-        """In one transaction, delete these FeedRows and queue the outbox rows (tenant, row) planned from them, in
-        order, for the subscriptions that still exist; False (and nothing done) if another process took any of
-        them first, or an older row is still in the feed."""
-        listed = orjson.dumps(seqs).decode()
-
-        def run(conn):
-            if conn.execute(_FEED_OLDER, (listed,)).fetchone() is not None:
-                raise _Taken
-            if conn.execute("DELETE FROM change_feed WHERE seq IN (SELECT value FROM json_each(?))",
-                            (listed,)).rowcount != len(seqs):
-                raise _Taken
-            conn.executemany("INSERT INTO outbox(tenant, subscription_id, payload) SELECT ?1, ?2, ?3 WHERE EXISTS "
-                             "(SELECT 1 FROM subscriptions WHERE tenant=?1 AND id=?2)",
-                             [(tenant, row.subscription_id, row.payload) for tenant, row in rows])
-        try:
-            await self._write_op(run)
-        except _Taken:
-            return False
-        return True
 
     async def outbox_next(self, tenant: str, sub_id: str, limit: int) -> list[tuple[int, bytes, int]]:
         """The oldest pending notifications of a subscription: (seq, payload, attempts)."""
@@ -857,13 +778,6 @@ _HELD_LEASES = (
 _RELEASE_LEASES = ("DELETE FROM delivery_leases WHERE owner=?1 AND (tenant, subscription_id) IN "
                    "(SELECT value->>'$[0]', value->>'$[1]' FROM json_each(?2))")
 # [[id, version], doc, [id, version], doc, ...] of the ids in ?2 (the stored JSON documents joined as they are)
-# the change feed (FeedRow): an owner takes its rows, and rows older than the orphan age, up to the first row that
-# another owner is to take; a claim must leave no older row behind, so the outbox gets rows in the feed's order
-_FEED_NEXT = ("SELECT seq, tenant, now, events FROM change_feed WHERE (owner=?1 OR written<?2) "
-              "AND seq < coalesce((SELECT min(seq) FROM change_feed WHERE owner<>?1 AND written>=?2), 9e18) "
-              "AND (?3 IS NULL OR seq<=?3) ORDER BY seq LIMIT ?4")
-_FEED_OLDER = ("SELECT 1 FROM change_feed WHERE seq < (SELECT max(value) FROM json_each(?1)) "
-               "AND seq NOT IN (SELECT value FROM json_each(?1)) LIMIT 1")
 _GET_MANY = ("SELECT '[' || group_concat(json_array(id, version) || ',' || doc, ',') || ']' FROM entities "
              "WHERE tenant=?1 AND id IN (SELECT value FROM json_each(?2))")
 

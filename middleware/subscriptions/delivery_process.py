@@ -1,23 +1,21 @@
-"""Matching and delivery in a child process of its own, so that notifications do not take the API process's CPU.
+"""Delivery in a child process of its own, so that sending notifications does not take the API process's CPU.
 
-The API process commits, with each write, the changes some subscription may match (one FeedRow in the store's
-change feed, see FeedPlanner); the child matches them with the Planner, claims them (the feed rows leave and
-their outbox rows are queued in one transaction, in the feed's order) and sends the outbox with the Dispatcher.
-The two share no interpreter lock, so on two cores notifications slow the updates that cause them less.
+The API process decides and queues notifications (the outbox rows are committed with the entity changes, as
+always); a child process runs the Dispatcher against the same store and sends them. The two share no
+interpreter lock, so on two cores delivering notifications slows the updates that cause them far less.
 
 The API process talks to the child over its stdin, one JSON array per line, in the order it made them:
-  ["feed"]                                                   feed rows of this process were committed
-  ["wake", [[tenant, subscription id], ...]]                 outbox rows for these subscriptions were committed
+  ["wake", [[tenant, subscription id], ...]]                 rows for these subscriptions were committed
   ["changed", n, [[tenant, subscription id, doc|null], ...]]  these subscriptions are now these stored documents
-The child answers on its stdout: ["ready"] once it has loaded every subscription, ["ack", n] once it has matched
-the feed committed before changed message n and holds its documents (the API process answers the request that
-changed a subscription only then, so every change accepted after the answer is matched with it), and, within
-20 ms of a change, ["counts", sent, failed, joined rows, joined notifications], its totals so far, which the API
-process adds to its own /metrics. Its configuration comes in the environment variable CITYBRIDGE_DELIVERY_CONFIG
-(not on the command line, which every local user can read); its log goes to the same stderr. The child ends when
-its stdin closes (the API process stopped or died, SIGKILL included) or on SIGTERM: it matches what is left of
-its feed, records what it delivered and gives its leases back. If the child dies, the API process starts
-another; the feed and the outbox hold everything not yet delivered, and the new child finds it.
+The child answers on its stdout: ["ready"] once it has loaded every subscription, ["ack", n] once it holds the
+documents of changed message n (the API process waits for that before it renders anything with the change, so
+no notification made after a change goes to the endpoint from before it), and, within 20 ms of a change,
+["counts", sent, failed, joined rows, joined notifications], its totals so far, which the API process adds to
+its own /metrics. Its configuration comes in the environment variable CITYBRIDGE_DELIVERY_CONFIG (not on the
+command line, which every local user can read); its log goes to the same stderr. The child ends when its
+stdin closes (the API process stopped or died, SIGKILL included) or on SIGTERM: it records what it delivered
+and gives its leases back. If the child dies, the API process starts another; the outbox holds everything
+not yet delivered, and the new child's recovery scan finds it.
 """
 from __future__ import annotations
 
@@ -33,8 +31,7 @@ from dataclasses import dataclass
 import orjson
 
 from .. import metrics
-from ..context.jsonld import ContextResolver
-from .matcher import Planner, SubscriptionIndex, compile_stored, link_url
+from .matcher import link_url
 
 log = logging.getLogger("citybridge.notify")
 
@@ -43,24 +40,17 @@ CONFIG_VARIABLE = "CITYBRIDGE_DELIVERY_CONFIG"
 _RESTART_DELAYS = (1.0, 2.0, 5.0, 10.0, 30.0)  # after the first, second, ... death in a row
 _ACK_TIMEOUT = 10.0
 _COUNTS_EVERY = 0.02
-_FEED_ROWS = 64        # FeedRows matched and claimed together (each holds one write's changes: one PATCH, or a batch)
-_FEED_EVENTS = 2_000   # ... but no more changes than this in one claim (the loop yields between rows)
-_FEED_GATHER = 0.002   # seconds a wake waits for more FeedRows before they are matched
-_FEED_BLOCKED = 0.002  # seconds before trying again when this process's rows wait behind another one's
-_FEED_POLL = 1.0       # seconds between looks at the feed when the API process says nothing
-_ORPHAN_AFTER = 10.0   # a FeedRow of another API process is taken by anyone once this old (that process is gone)
 
 
 class DeliveryProcess:
     """The API process's end: starts the child, passes it wakes and subscription changes, adds its counts."""
 
-    def __init__(self, store_url: str, options: dict, log_level: str = "info", contexts: dict | None = None):
+    def __init__(self, store_url: str, options: dict, log_level: str = "info"):
         self.store_url = store_url
         self.options = options  # keyword arguments of the child's Dispatcher
         self.log_level = log_level
-        self.contexts = contexts or {}  # keyword arguments of the child's ContextResolver
-        self.owner = f"citybridge-{uuid.uuid4().hex}"  # of its feed rows, and of the leases it takes (periodic ones)
-        # not yet written, in order: ("feed",), ("wake", {key: None}) or ("changed", {key: doc}, [futures]); runs merged
+        self.owner = f"citybridge-{uuid.uuid4().hex}"  # for the leases this process takes itself (periodic ones)
+        # not yet written, in order: ("wake", {key: None}) or ("changed", {key: doc}, [futures]); runs merged
         self._messages: list[tuple] = []
         self._flush_scheduled = False
         self._process: asyncio.subprocess.Process | None = None
@@ -116,12 +106,6 @@ class DeliveryProcess:
             self._messages.append(("wake", {(tenant, sub_id): None}))
         self._schedule()
 
-    def feed(self) -> None:
-        """Tell the child that FeedRows of this process were committed (it matches and queues them)."""
-        if not (self._messages and self._messages[-1][0] == "feed"):
-            self._messages.append(("feed",))
-        self._schedule()
-
     async def changed(self, tenant: str, sub_id: str, doc: dict | None) -> None:
         """Give the child a subscription's stored document (None: deleted); return once it holds it."""
         if self._process is None:
@@ -154,9 +138,6 @@ class DeliveryProcess:
             if message[0] == "wake":
                 lines.append(orjson.dumps(["wake", list(message[1])]))
                 continue
-            if message[0] == "feed":
-                lines.append(b'["feed"]')
-                continue
             if not live:  # no child right now: the next one loads every subscription from the store
                 _answer(message[2])
                 continue
@@ -179,8 +160,8 @@ class DeliveryProcess:
         """Run a child; start another if it dies (unless closing), waiting longer after each death in a row."""
         env = dict(os.environ)
         env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the child's counts reach /metrics through this process
-        env[CONFIG_VARIABLE] = orjson.dumps({"store": self.store_url, "options": self.options, "owner": self.owner,
-                                             "contexts": self.contexts, "log_level": self.log_level}).decode()
+        env[CONFIG_VARIABLE] = orjson.dumps({"store": self.store_url, "options": self.options,
+                                             "log_level": self.log_level}).decode()
         deaths = 0
         while not self._closing:
             try:
@@ -245,89 +226,26 @@ class Target:
 
 
 class Targets:
-    """The child's view of the subscriptions: loaded from the store, then kept as the API process says; each one's
-    delivery target, and the compiled subscriptions that the change feed is matched against."""
+    """The child's view of the subscriptions: loaded from the store, then kept as the API process says."""
 
-    def __init__(self, contexts=None) -> None:
+    def __init__(self) -> None:
         self.by_key: dict[Key, Target] = {}
-        self.failed: dict[Key, dict] = {}  # could not be compiled: tried again every _FEED_POLL s
-        self.contexts = contexts  # a ContextResolver; None: delivery only, no matching
-        self.index = SubscriptionIndex()
 
     def get(self, tenant: str, sub_id: str) -> Target | None:
         """The subscription's delivery target, None if it is not (or no longer) there."""
         return self.by_key.get((tenant, sub_id))
 
-    async def put(self, key: Key, doc: dict | None) -> None:
-        """Hold this stored document for the subscription (None: it was deleted), compiled for matching."""
-        self.failed.pop(key, None)
+    def put(self, key: Key, doc: dict | None) -> None:
+        """Hold this stored document for the subscription (None: it was deleted)."""
         if doc is None:
             self.by_key.pop(key, None)
-            self.index.remove(*key)
-            return
-        self.by_key[key] = Target(doc, link_url(doc))
-        if self.contexts is None:
-            return
-        try:
-            compiled = await compile_stored(self.contexts, key[0], doc)
-        except Exception:
-            log.exception("subscription %s cannot be compiled; it will not notify until it can", key[1])
-            self.index.remove(*key)
-            self.failed[key] = doc
-            return
-        if self.by_key.get(key) is None or self.by_key[key].doc is not doc:
-            return  # deleted or changed again while it compiled: that later change decides
-        old = self.index.get(*key)
-        if old is not None:
-            compiled.last_notified = old.last_notified  # throttling goes on across the change
-        self.index.add(compiled)
-
-    async def retry_failed(self) -> None:
-        """Compile again the subscriptions that could not be compiled (a remote @context that did not answer)."""
-        for key, doc in list(self.failed.items()):
-            if self.failed.get(key) is doc:
-                await self.put(key, doc)
+        else:
+            self.by_key[key] = Target(doc, link_url(doc))
 
     async def load(self, store) -> None:
         """Every stored subscription."""
         for record, _stamp in await store.all_subscriptions():
-            await self.put((record.tenant, record.id), record.doc)
-
-
-NONE, CLAIMED, BLOCKED = "none", "claimed", "blocked"  # what match_feed found
-
-
-async def match_feed(store, owner: str, planner: Planner, dispatcher, up_to: int | None = None) -> str:
-    """Match the oldest FeedRows this process may take (seq <= up_to), queue their notifications and wake their
-    delivery: CLAIMED; NONE when there were none; BLOCKED when its own rows wait behind another process's.
-
-    The matching runs outside any transaction (the API process's writes never wait for it), yielding between rows;
-    the claim then deletes the rows and inserts the outbox rows in one, and if another process took a row first,
-    nothing is queued here (and the throttling times of what was planned are dropped).
-    """
-    rows = await store.feed_next(owner, _ORPHAN_AFTER, _FEED_ROWS, up_to)
-    if not rows:
-        return BLOCKED if await store.feed_waiting(owner) else NONE
-    taken, planned, events_seen = [], [], 0
-    for seq, tenant, now, events in rows:
-        try:
-            changes = orjson.loads(events)
-            planned.extend((tenant, row) for row in planner(tenant, changes, now))
-        except Exception:  # a bug must not stop the feed: this row's notifications are lost, and logged
-            log.exception("feed row %d (tenant %r) could not be matched; its notifications are dropped", seq, tenant)
-            changes = ()
-        taken.append(seq)
-        events_seen += len(changes)
-        if events_seen >= _FEED_EVENTS:
-            break
-        await asyncio.sleep(0)  # deliveries and lease renewals go on between rows
-    if await store.feed_claim(taken, planned):
-        planner.commit_throttling()
-        for tenant, sub_id in dict.fromkeys((tenant, row.subscription_id) for tenant, row in planned):
-            dispatcher.wake(tenant, sub_id)
-        return CLAIMED
-    planner.notified.clear()
-    return BLOCKED
+            self.put((record.tenant, record.id), record.doc)
 
 
 async def _child(config: dict, out) -> None:
@@ -338,32 +256,13 @@ async def _child(config: dict, out) -> None:
     loop = asyncio.get_running_loop()
     store = open_store(config["store"])
     await store.open()
-    contexts = ContextResolver(**config.get("contexts", {}))
-    targets = Targets(contexts)
+    targets = Targets()
     await targets.load(store)
     dispatcher = Dispatcher(store, targets.get, **config["options"])
     dispatcher.start()
-    planner = Planner(targets.index, defer_throttling=True)
-    gc.collect()  # as the API process does (app.py): a FeedRow of a 1,000-entity batch loads as ~100,000 objects,
-    gc.freeze()   # and the default thresholds made that load take 2 to 3 times as long
+    gc.collect()  # as the API process does (app.py): what was loaded at start leaves the collector's generations,
+    gc.freeze()   # and young collections run every 50,000 allocations, not 700
     gc.set_threshold(50_000, 20, 10)
-    fed = asyncio.Event()
-    matching = asyncio.Lock()  # one match_feed at a time (claims keep the feed's order); taken per batch of rows
-
-    async def match(up_to: int | None = None, deadline: float | None = None) -> None:
-        """Match until nothing this process may take is left (seq <= up_to), or the deadline (loop.time())."""
-        delay = _FEED_BLOCKED
-        while deadline is None or loop.time() < deadline:
-            async with matching:
-                found = await match_feed(store, config["owner"], planner, dispatcher, up_to)
-            if found == NONE:
-                return
-            if found == BLOCKED:  # another process's rows come first: it claims them soon (or they age out)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 0.1)
-            else:
-                delay = _FEED_BLOCKED
-
     write = _line_writer(out)
     write(["ready"])
     reader = asyncio.StreamReader(limit=1 << 26)
@@ -384,52 +283,24 @@ async def _child(config: dict, out) -> None:
         while line := await reader.readline():
             message = orjson.loads(line)
             if message[0] == "changed":
-                # the changes committed before it are matched with the subscriptions as they were (bounded: the
-                # rows written meanwhile are matched with the new ones)
-                try:
-                    await match(up_to=await store.feed_last(), deadline=loop.time() + _ACK_TIMEOUT / 2)
-                except Exception:
-                    log.exception("matching the change feed failed")
                 for tenant, sub_id, doc in message[2]:
-                    await targets.put((tenant, sub_id), doc)
+                    targets.put((tenant, sub_id), doc)
                 write(["ack", message[1]])
-            elif message[0] == "feed":
-                fed.set()
             else:
                 for tenant, sub_id in message[1]:
                     dispatcher.wake(tenant, sub_id)
 
-    async def match_forever() -> None:
-        while True:  # on each message of the API process, and every _FEED_POLL s for rows of a process gone
-            fed.clear()
-            try:
-                await match()
-            except Exception:
-                log.exception("matching the change feed failed; trying again")
-            try:
-                await asyncio.wait_for(fed.wait(), _FEED_POLL)
-            except asyncio.TimeoutError:
-                await targets.retry_failed()
-                continue
-            await asyncio.sleep(_FEED_GATHER)  # the writes of the next few ms come along: fewer, larger claims
-
-    tasks = [asyncio.create_task(report_forever()), asyncio.create_task(obey()), asyncio.create_task(stop.wait()),
-             asyncio.create_task(match_forever())]
+    tasks = [asyncio.create_task(report_forever()), asyncio.create_task(obey()), asyncio.create_task(stop.wait())]
     try:
-        await asyncio.wait(tasks[1:3], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait(tasks[1:], return_when=asyncio.FIRST_COMPLETED)
         if tasks[1].done() and tasks[1].exception() is not None:
             log.error("reading the API process's messages failed", exc_info=tasks[1].exception())
     finally:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        try:  # what the API process committed is matched now, not by another process 10 s from now
-            await match(deadline=loop.time() + 5)
-        except Exception:
-            log.exception("matching the change feed at the end failed; the next process matches it")
         await dispatcher.close()
         write(["counts", *_counts()])
-        await contexts.close()
         await store.close()
 
 

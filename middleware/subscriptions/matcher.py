@@ -2,10 +2,9 @@
 
 Subscriptions are compiled once (q, geoQ, selectors parsed; names expanded) and indexed by entity id, by
 entity type and, for subscriptions without entities, by watched attribute, so an update only looks at the
-subscriptions that can match it. The planner runs in the delivery process, on its event loop, over the
-change feed the API process's FeedPlanner writes; without a delivery process it runs inside the store's write
-transaction (possibly on the store's thread): it reads the index but never iterates it while it can change,
-and index updates replace per-key tuples rather than mutating them.
+subscriptions that can match it. The planner runs inside the store's write transaction (possibly on the
+store's thread): it reads the index but never iterates it while it can change, and index updates replace
+per-key tuples rather than mutating them.
 """
 from __future__ import annotations
 
@@ -23,8 +22,8 @@ from ..context.model import NULL_URI, VALUE_MEMBER, Renderer
 from ..context.query import Query, parse_q
 from ..context.scopeq import parse_scopeq
 from ..context.typeexpr import TypeSelection, parse_type_selection
-from ..store.base import FeedRow, OutboxRow
-from .model import QUERY_CONTEXT, parse_time
+from ..store.base import OutboxRow
+from .model import parse_time
 
 Event = tuple[dict | None, dict | None]
 PREVIOUS_MEMBER = {"value": "previousValue", "object": "previousObject", "languageMap": "previousLanguageMap",
@@ -400,18 +399,8 @@ def _feature(sub: Compiled, entity: dict) -> dict:
 class Planner:
     """Decides the notifications of a batch of committed-to-be changes: one per subscription, all its entities."""
 
-    def __init__(self, index: SubscriptionIndex, defer_throttling: bool = False):
-        """With defer_throttling, when each subscription notified is kept in `notified` until the caller applies
-        it (commit_throttling, once the rows are stored) or drops it (a claim that failed)."""
+    def __init__(self, index: SubscriptionIndex):
         self.index = index
-        self.notified: dict[int, tuple[Compiled, float]] | None = {} if defer_throttling else None
-
-    def commit_throttling(self) -> None:
-        """Apply the deferred notification times (the rows planned since the last call are stored)."""
-        if self.notified:
-            for sub, clock in self.notified.values():
-                sub.last_notified = clock
-            self.notified.clear()
 
     def __call__(self, tenant: str, events: list[Event], now: str) -> list[OutboxRow]:
         """Outbox rows for these events (called inside the store transaction)."""
@@ -446,46 +435,12 @@ class Planner:
                 throttling = sub.doc.get("throttling")
                 entry = per_sub.get(id(sub))
                 if entry is None:
-                    if throttling:
-                        notified = self.notified.get(id(sub)) if self.notified is not None else None
-                        last = notified[1] if notified is not None else sub.last_notified
-                        if clock - last < throttling:
-                            continue  # throttled: this notification is not sent (5.8.6)
+                    if throttling and clock - sub.last_notified < throttling:
+                        continue  # throttled: this notification is not sent (5.8.6)
                     entry = per_sub[id(sub)] = (sub, [])
                 entry[1].append(render_for(sub, sub_old, sub_new, sub_changes[2], now, trigger))
         rows = []
         for sub, entities in per_sub.values():
-            if self.notified is not None:
-                self.notified[id(sub)] = (sub, clock)
-            else:
-                sub.last_notified = clock
+            sub.last_notified = clock
             rows.append(OutboxRow(sub.id, notification_payload(sub, entities, now)))
         return rows
-
-
-class FeedPlanner:
-    """The planner of an API process whose delivery process matches: the changes some subscription may match,
-    stored as one FeedRow for the delivery process's Planner (match_feed), instead of matching them here."""
-
-    def __init__(self, index: SubscriptionIndex, owner: str):
-        self.index = index
-        self.owner = owner
-
-    def __call__(self, tenant: str, events: list[Event], now: str) -> list[FeedRow]:
-        """One FeedRow holding the events that have a candidate subscription (none: no row)."""
-        index = self.index
-        if not index.per_tenant.get(tenant):
-            return []
-        if not index.by_attr_only.get(tenant):  # found by id or type alone: a cheap look says who may match
-            events = [e for e in events if index.candidates(tenant, e[1] if e[1] is not None else e[0], ())]
-        return [FeedRow(self.owner, now, orjson.dumps(events))] if events else []
-
-
-async def compile_stored(contexts, tenant: str, doc: dict) -> Compiled:
-    """Compile a stored subscription with its @context (and jsonldContext) resolved by contexts (a ContextResolver)."""
-    written = doc.get(QUERY_CONTEXT) or {}  # q and geoQ set by a PATCH: the @context each was written with
-    terms = await contexts.resolve(written.get("q", doc.get("@context")))
-    geo_terms = await contexts.resolve(written.get("geoQ", doc.get("@context")))
-    context, unlinkable = notification_context(doc)
-    out_terms = await contexts.resolve(None if unlinkable else context)
-    return compile_subscription(tenant, doc, terms, out_terms, geo_terms)

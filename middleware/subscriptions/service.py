@@ -11,11 +11,11 @@ from ..context.broker import Broker
 from ..context.errors import AlreadyExists, LdContextNotAvailable, ResourceNotFound
 from ..context.jsonld import ContextResolver
 from ..context.model import now_iso
-from ..store.base import FeedRow, OutboxRow, Store, SubscriptionRecord
+from ..store.base import OutboxRow, Store, SubscriptionRecord
 from .delivery import Dispatcher
-from .delivery_process import CLAIMED, DeliveryProcess, match_feed
-from .matcher import (Compiled, FeedPlanner, Planner, SubscriptionIndex, compile_stored, notification_payload,
-                      render_for)
+from .delivery_process import DeliveryProcess
+from .matcher import (Compiled, Planner, SubscriptionIndex, compile_subscription, notification_context,
+                      notification_payload, render_for)
 from .model import QUERY_CONTEXT, merge_fragment, validate_subscription
 
 log = logging.getLogger("citybridge.subscriptions")
@@ -24,7 +24,6 @@ log = logging.getLogger("citybridge.subscriptions")
 # subscriptions stamped within the window (a stamp is taken before its transaction commits, so commits can land out
 # of stamp order: a PostgreSQL sequence value, or two processes' clocks on SQLite)
 _LATE_COMMIT_WINDOW = 30.0
-_ORPHAN_LOOK = 5.0  # seconds between looks at the change feed when this process has no delivery process
 
 
 class SubscriptionService:
@@ -42,8 +41,7 @@ class SubscriptionService:
                    "join_backlog": join_backlog}
         self.dispatcher: Dispatcher | DeliveryProcess
         if delivery_store:
-            self.dispatcher = DeliveryProcess(delivery_store, options, log_level,
-                                              {"timeout": contexts.timeout, "cache_ttl": contexts.cache_ttl})
+            self.dispatcher = DeliveryProcess(delivery_store, options, log_level)
         else:
             self.dispatcher = Dispatcher(store, self.index.get, **options)
         self.refresh_interval = refresh_interval
@@ -56,16 +54,11 @@ class SubscriptionService:
     async def start(self) -> None:
         """Load every subscription, attach the planner to the broker, start delivery and the background loops."""
         await self._load()
-        if isinstance(self.dispatcher, DeliveryProcess):  # the delivery process matches (docs/subscriptions.md)
-            self.broker.planner = FeedPlanner(self.index, self.dispatcher.owner)
-        else:
-            self.broker.planner = Planner(self.index)
+        self.broker.planner = Planner(self.index)
         self.broker.on_outbox = self._queued
         self.dispatcher.start()
         await self.dispatcher.ready()
         self._tasks = [asyncio.create_task(self._refresh_forever()), asyncio.create_task(self._periodic_forever())]
-        if not isinstance(self.dispatcher, DeliveryProcess):
-            self._tasks.append(asyncio.create_task(self._feed_orphans_forever()))
 
     async def close(self) -> None:
         """Stop the loops and the dispatcher; pending notifications stay in the store."""
@@ -74,10 +67,7 @@ class SubscriptionService:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.dispatcher.close()
 
-    def _queued(self, tenant: str, rows: list[OutboxRow | FeedRow]) -> None:
-        if rows and isinstance(rows[0], FeedRow):
-            self.dispatcher.feed()
-            return
+    def _queued(self, tenant: str, rows: list[OutboxRow]) -> None:
         for sub_id in dict.fromkeys(row.subscription_id for row in rows):
             self.dispatcher.wake(tenant, sub_id)
 
@@ -85,7 +75,12 @@ class SubscriptionService:
 
     async def compile(self, tenant: str, doc: dict) -> Compiled:
         """Compile a stored subscription with its @context (and jsonldContext) resolved."""
-        return await compile_stored(self.contexts, tenant, doc)
+        written = doc.get(QUERY_CONTEXT) or {}  # q and geoQ set by a PATCH: the @context each was written with
+        terms = await self.contexts.resolve(written.get("q", doc.get("@context")))
+        geo_terms = await self.contexts.resolve(written.get("geoQ", doc.get("@context")))
+        context, unlinkable = notification_context(doc)
+        out_terms = await self.contexts.resolve(None if unlinkable else context)
+        return compile_subscription(tenant, doc, terms, out_terms, geo_terms)
 
     async def _load(self) -> None:
         """Build the index from every stored subscription."""
@@ -222,18 +217,6 @@ class SubscriptionService:
             raise
         except Exception as exc:
             raise LdContextNotAvailable(f"the subscription's @context cannot be used: {exc}") from exc
-
-    async def _feed_orphans_forever(self) -> None:
-        """Without a delivery process: match the change feed rows left by processes that had one (at most 10 s
-        after they were written), so that turning it off loses nothing."""
-        planner = Planner(self.index, defer_throttling=True)
-        while True:
-            await asyncio.sleep(_ORPHAN_LOOK)
-            try:
-                while await match_feed(self.store, self.dispatcher.owner, planner, self.dispatcher) == CLAIMED:
-                    pass
-            except Exception:
-                log.exception("matching the change feed rows of other processes failed")
 
     # ---------------------------------------------------------------- periodic notifications (timeInterval)
 
