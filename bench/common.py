@@ -249,6 +249,11 @@ def cpu_seconds(pid: int, own_only: bool = False) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_pair(pid: int) -> tuple[float, float]:
+    """CPU seconds of the process tree and of the process alone (the API process without its delivery process)."""
+    return cpu_seconds(pid), cpu_seconds(pid, own_only=True)
+
+
 def rss_mb(pid: int) -> float:
     """Resident memory of a process and its descendants, MB."""
     total = 0

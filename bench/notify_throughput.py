@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
-from notify_latency import (Receiver, create_subscriptions, outbox_pending, proc_cpu,  # noqa: E402
+from notify_latency import (Receiver, create_subscriptions, outbox_pending,  # noqa: E402
                             subscription_totals)
 
 TARGET = "10,000 subscriptions cost < 20% of update throughput"
@@ -99,10 +99,10 @@ def run_level(args, receiver: Receiver, n_subs: int, load_bodies, pass_bodies) -
         base = subscription_totals(server.url) if docs else {"timesSent": 0, "timesFailed": 0}
 
         # phase 1: batch upserts
-        cpu0, own0 = proc_cpu(server.pid), common.cpu_seconds(server.pid, own_only=True)
+        start = common.cpu_pair(server.pid)
         with common.Profiler(server, args.profile, f"notify_throughput_batch_subs{n_subs}"):
             elapsed, lat, statuses = common.post_batches(server.url, pass_bodies, 2)
-        cpu, own = proc_cpu(server.pid) - cpu0, common.cpu_seconds(server.pid, own_only=True) - own0
+        cpu, own = (now - then for now, then in zip(common.cpu_pair(server.pid), start))
         n_upd = args.entities * args.rounds
         d = drain(receiver, server)
         b = {"rate": n_upd / elapsed, "elapsed": elapsed, "p50": common.percentile(lat, 50),
@@ -124,10 +124,10 @@ def run_level(args, receiver: Receiver, n_subs: int, load_bodies, pass_bodies) -
         receiver.reset()
         script = patch_script(server.workdir, args.entities, args.seed)
         base = subscription_totals(server.url) if docs else {"timesSent": 0, "timesFailed": 0}
-        cpu0, own0 = proc_cpu(server.pid), common.cpu_seconds(server.pid, own_only=True)
+        start = common.cpu_pair(server.pid)
         with common.Profiler(server, args.profile, f"notify_throughput_patch_subs{n_subs}"):
             w = common.run_wrk(server.url, script, threads=1, connections=args.connections, duration=args.duration)
-        cpu, own = proc_cpu(server.pid) - cpu0, common.cpu_seconds(server.pid, own_only=True) - own0
+        cpu, own = (now - then for now, then in zip(common.cpu_pair(server.pid), start))
         d = drain(receiver, server)
         p = {"rate": w["rps"], "p50": w["p50"], "p99": w["p99"], "requests": w["requests"], "non2xx": w["non2xx"],
              "socket_errors": w["socket_errors"], "server_cpu": cpu / args.duration,
